@@ -1,0 +1,81 @@
+"""The tenant's effective policy: accepted domains and connectors from the config, with the
+lab's runtime changes (`relay domain set-type`, `relay connector disable`, Fix now) on top.
+
+Runtime changes live in the store's settings table under the keys below, so they survive
+restarts and reach a running server; `Policy.build` is pure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from relay.config import Config, Connector, DomainType
+
+DOMAIN_TYPE_KEY = "domain.type:"  # + domain name → "authoritative" | "internal_relay"
+CONNECTOR_ENABLED_KEY = "connector.enabled:"  # + connector name → "true" | "false"
+
+# Exchange Online's replies at RCPT (shared/reference/exchange-online.md).
+RCPT_OK = "250 2.1.5 Recipient OK"
+RCPT_ACCESS_DENIED = "550 5.4.1 Recipient address rejected: Access denied"
+RCPT_RELAY_DENIED = "550 5.7.64 TenantAttribution; Relay Access Denied"
+
+
+@dataclass(frozen=True)
+class Policy:
+    domains: Mapping[str, DomainType]
+    mailboxes: frozenset[str]
+    connectors: tuple[Connector, ...]
+    relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def build(cls, config: Config, overrides: Mapping[str, str] | None = None) -> Policy:
+        overrides = overrides or {}
+        domains = {
+            d.name: DomainType(overrides.get(DOMAIN_TYPE_KEY + d.name, d.type.value))
+            for d in config.accepted_domains
+        }
+        connectors = tuple(
+            c.model_copy(
+                update={
+                    "enabled": overrides.get(CONNECTOR_ENABLED_KEY + c.name, str(c.enabled).lower())
+                    == "true"
+                }
+            )
+            for c in config.connectors
+        )
+        return cls(
+            domains=domains,
+            mailboxes=frozenset(m.lower() for d in config.accepted_domains for m in d.mailboxes),
+            connectors=connectors,
+            relay_networks=tuple(config.smtp.relay_networks),
+        )
+
+    def is_mailbox(self, address: str) -> bool:
+        return address.lower() in self.mailboxes
+
+    def domain_type(self, address: str) -> DomainType | None:
+        return self.domains.get(domain_of(address))
+
+    def may_relay(self, client_ip: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(client_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.relay_networks)
+
+    def rcpt_reply(self, address: str, *, client_ip: str) -> str:
+        """Exchange Online's verdict on RCPT TO: accept, or the exact rejection."""
+        kind = self.domain_type(address)
+        if kind is None:
+            return RCPT_OK if self.may_relay(client_ip) else RCPT_RELAY_DENIED
+        if self.is_mailbox(address) or kind is DomainType.INTERNAL_RELAY:
+            return RCPT_OK
+        return RCPT_ACCESS_DENIED
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()

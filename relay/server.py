@@ -1,0 +1,161 @@
+"""The running relay: the store, the SMTP front end and the delivery worker wired together.
+
+`Relay` is what tests start in-process; `serve` adds signal handling for `relay serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import IO
+
+from relay.clock import Clock
+from relay.config import LoadedConfig
+from relay.intake import IntakeHandler, IntakeServer, start_intake, tls_context
+from relay.policy import Policy
+from relay.store import Store, StoreError
+
+log = logging.getLogger("relay.server")
+
+CLOCK_OFFSET_KEY = "clock.offset"
+WATCH_INTERVAL = 1.0  # the CLI's changes reach a running server within about a second
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+async def load_policy(store: Store, loaded: LoadedConfig) -> Policy:
+    return Policy.build(loaded.config, await store.settings(""))
+
+
+async def load_clock_offset(store: Store) -> float:
+    value = await store.get_setting(CLOCK_OFFSET_KEY)
+    return float(value) if value else 0.0
+
+
+class Relay:
+    """One relay instance: start() binds and begins work, stop() finishes cleanly."""
+
+    def __init__(self, loaded: LoadedConfig, *, clock: Clock | None = None) -> None:
+        self.loaded = loaded
+        self.config = loaded.config
+        self.clock = clock or Clock()
+        self.store: Store | None = None
+        self.policy = Policy.build(self.config)
+        self._server: IntakeServer | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._lock: IO[bytes] | None = None
+        self.worker: object | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.loaded.path(self.config.queue.path)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.port
+
+    def _take_lock(self) -> None:
+        """One server per queue: two writers would hand out the same message ids."""
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(str(self.db_path) + ".lock", "wb")  # noqa: SIM115 - held for the lifetime
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise AlreadyRunning(
+                f"another relay is already serving {self.db_path}; stop it first"
+            ) from None
+        lock.write(str(os.getpid()).encode())
+        lock.flush()
+        self._lock = lock
+
+    async def start(self) -> None:
+        self._take_lock()
+        self.store = store = await Store.open(self.db_path)
+        self.clock.offset = await load_clock_offset(store)
+        self.policy = await load_policy(store, self.loaded)
+        smtp = self.config.smtp
+        tls = None
+        if smtp.tls_certificate:
+            tls = tls_context(
+                str(self.loaded.path(smtp.tls_certificate)), str(self.loaded.path(smtp.tls_key))
+            )
+        handler = IntakeHandler(
+            store=store,
+            clock=self.clock,
+            policy=lambda: self.policy,
+            hostname=smtp.hostname,
+            max_recipients=smtp.max_recipients,
+            message_expiration=self.config.queue.message_expiration,
+            require_tls=smtp.require_tls,
+        )
+        self._server = await start_intake(
+            handler=handler,
+            host=smtp.host,
+            port=smtp.port,
+            hostname=smtp.hostname,
+            max_message_size=smtp.max_message_size,
+            tls=tls,
+            require_tls=smtp.require_tls,
+        )
+        self._watcher = asyncio.create_task(self._watch())
+        log.info("listening on %s, queue %s", smtp.listen, self.db_path)
+
+    async def _watch(self) -> None:
+        """Pick up the CLI's commits (clock, runtime policy, queue actions)."""
+        assert self.store is not None
+        version = await self.store.data_version()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                current = await self.store.data_version()
+                if current != version:
+                    version = current
+                    await self.refresh()
+            except StoreError as exc:  # keep serving; the next tick tries again
+                log.warning("could not read the queue's changes: %s", exc)
+
+    async def refresh(self) -> None:
+        assert self.store is not None
+        self.policy = await load_policy(self.store, self.loaded)
+        self.clock.offset = await load_clock_offset(self.store)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._server is not None:
+            await self._server.close()
+        if self.store is not None:
+            await self.store.close()
+        if self._lock is not None:
+            self._lock.close()
+
+
+async def serve(loaded: LoadedConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly."""
+    relay = Relay(loaded)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await relay.start()
+    print(
+        f"relay: listening on {loaded.config.smtp.listen} as {loaded.config.smtp.hostname}; "
+        f"queue {relay.db_path}; config {loaded.source}",
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await relay.stop()

@@ -1,0 +1,544 @@
+"""The queue store: the SQLite schema, its migrations, and every SQL statement the relay runs.
+
+One writer per process. Concurrent intake sessions share commits (group commit): each
+session hands its insert to the writer and awaits a future that resolves only once the
+batch holding it is durable (WAL, synchronous=FULL), so no 250 is ever sent before the
+commit. Other processes (the CLI) open the same file; the server notices their commits
+through PRAGMA data_version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+T = TypeVar("T")
+Op = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+
+class Status(StrEnum):
+    """Per-recipient delivery state, stored as text (see queue/README.md)."""
+
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    HELD = "held"
+
+
+PENDING = frozenset({Status.QUEUED, Status.DEFERRED})
+FINAL = frozenset({Status.DELIVERED, Status.FAILED, Status.EXPIRED})
+FAILED_FINAL = frozenset({Status.FAILED, Status.EXPIRED})
+
+BUSY_TIMEOUT_MS = 5000
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: messages, one delivery row per recipient, the attempt history, settings.
+    """
+    CREATE TABLE messages (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id      TEXT NOT NULL,
+        mail_from       TEXT NOT NULL,
+        subject         TEXT NOT NULL,
+        size            INTEGER NOT NULL,
+        received_at     REAL NOT NULL,
+        client_address  TEXT NOT NULL,
+        client_helo     TEXT NOT NULL,
+        content         BLOB NOT NULL
+    );
+    CREATE TABLE recipients (
+        id              INTEGER PRIMARY KEY,
+        message         INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        address         TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        connector       TEXT NOT NULL DEFAULT '',
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        expires_at      REAL NOT NULL,
+        delivered_at    REAL,
+        finished_at     REAL,
+        last_error      TEXT
+    );
+    CREATE INDEX recipients_due ON recipients(next_attempt_at, message)
+        WHERE next_attempt_at IS NOT NULL;
+    CREATE INDEX recipients_message ON recipients(message);
+    CREATE INDEX recipients_status ON recipients(status, message);
+    CREATE INDEX recipients_finished ON recipients(finished_at) WHERE finished_at IS NOT NULL;
+    CREATE TABLE attempts (
+        id              INTEGER PRIMARY KEY,
+        recipient       INTEGER NOT NULL REFERENCES recipients(id) ON DELETE CASCADE,
+        at              REAL NOT NULL,
+        code            TEXT NOT NULL,
+        reply           TEXT NOT NULL,
+        server          TEXT,
+        ip              TEXT
+    );
+    CREATE INDEX attempts_recipient ON attempts(recipient);
+    CREATE TABLE settings (
+        key             TEXT PRIMARY KEY,
+        value           TEXT NOT NULL
+    );
+    """,
+)
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (disk full, locked, corrupt, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    address: str
+    connector: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message ready to queue; content is the full RFC 5322 message as it will be sent."""
+
+    id: int
+    message_id: str
+    mail_from: str
+    subject: str
+    received_at: float
+    expires_at: float
+    client_address: str
+    client_helo: str
+    recipients: Sequence[NewRecipient]
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LastError:
+    code: str
+    reply: str
+    title: str
+    server: str | None
+    ip: str | None
+    at: float
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "code": self.code,
+                "reply": self.reply,
+                "title": self.title,
+                "server": self.server,
+                "ip": self.ip,
+                "at": self.at,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> LastError | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    at: float
+    code: str
+    reply: str
+    server: str | None
+    ip: str | None
+
+
+@dataclass(slots=True)
+class RecipientRow:
+    id: int
+    message: int
+    address: str
+    status: Status
+    connector: str
+    attempts: int
+    next_attempt_at: float | None
+    expires_at: float
+    delivered_at: float | None
+    last_error: LastError | None
+    history: list[Attempt] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class MessageRow:
+    id: int
+    message_id: str
+    mail_from: str
+    subject: str
+    size: int
+    received_at: float
+    client_address: str
+    client_helo: str
+    recipients: list[RecipientRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery attempt did to one recipient, ready to be written."""
+
+    recipient: int
+    status: Status
+    at: float
+    connector: str
+    next_attempt_at: float | None = None
+    error: LastError | None = None
+    counts_attempt: bool = True  # an expiry without a new try does not add an attempt
+
+
+_RECIPIENT_COLUMNS = (
+    "id, message, address, status, connector, attempts, next_attempt_at, expires_at, "
+    "delivered_at, last_error"
+)
+_MESSAGE_COLUMNS = (
+    "id, message_id, mail_from, subject, size, received_at, client_address, client_helo"
+)
+
+
+def _recipient(row: sqlite3.Row | tuple[Any, ...]) -> RecipientRow:
+    return RecipientRow(
+        id=row[0],
+        message=row[1],
+        address=row[2],
+        status=Status(row[3]),
+        connector=row[4],
+        attempts=row[5],
+        next_attempt_at=row[6],
+        expires_at=row[7],
+        delivered_at=row[8],
+        last_error=LastError.from_json(row[9]),
+    )
+
+
+def _message(row: sqlite3.Row | tuple[Any, ...]) -> MessageRow:
+    return MessageRow(*row)
+
+
+class Store:
+    """The queue database. Open with `await Store.open(path)`; close with `await close()`."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._next_id = 0
+        self.on_commit: list[Callable[[], None]] = []
+
+    @classmethod
+    async def open(cls, path: Path, *, create: bool = True) -> Store:
+        if not create and not path.exists():  # noqa: ASYNC240 - one stat, before any I/O
+            raise StoreError(f"no queue database at {path}; start `relay serve` once to create it")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the queue database {path}: {exc}") from exc
+        store = cls(conn, path)
+        try:
+            await store._configure()
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise StoreError(f"cannot open the queue database {path}: {exc}") from exc
+        return store
+
+    async def _configure(self) -> None:
+        conn = self._conn
+        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk before it returns, so 250 means durable (also in WAL mode).
+        await conn.execute("PRAGMA synchronous = FULL")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await self._migrate()
+        async with conn.execute("SELECT coalesce(max(id), 0) FROM messages") as cur:
+            row = await cur.fetchone()
+        async with conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'") as cur:
+            seq = await cur.fetchone()
+        self._next_id = max(row[0] if row else 0, seq[0] if seq else 0) + 1
+
+    async def _migrate(self) -> None:
+        async with self._conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = row[0] if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this relay knows "
+                f"({len(MIGRATIONS)}); upgrade mailflow-relay"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        await self._conn.execute(statement)
+                await self._conn.execute(f"PRAGMA user_version = {number}")
+                await self._conn.commit()
+            except BaseException:
+                await self._conn.rollback()
+                raise
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        await self._conn.close()
+
+    # ---- the writer: group commit ---------------------------------------------------
+
+    def reserve_id(self) -> int:
+        """The next message id; the caller writes it into the Received header before queueing."""
+        value = self._next_id
+        self._next_id += 1
+        return value
+
+    async def _write(self, op: Op) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            results: list[Any] = []
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for op, _ in batch:
+                        results.append(await op(self._conn))
+                    await self._conn.commit()
+                except BaseException:
+                    await self._conn.rollback()
+                    raise
+            except Exception as exc:  # every session in the batch answers 451; nothing partial
+                error = StoreError(str(exc))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+            for listener in self.on_commit:
+                listener()
+
+    async def enqueue(self, message: NewMessage) -> int:
+        """Queue a message; returns its id once it is committed to disk."""
+        return await self._write(lambda conn: _insert_message(conn, message))  # type: ignore[no-any-return]
+
+    async def record(self, outcomes: Sequence[Outcome], ndrs: Sequence[NewMessage] = ()) -> None:
+        """Write attempt results and the NDRs they cause in one transaction."""
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await _write_outcomes(conn, outcomes)
+            for ndr in ndrs:
+                await _insert_message(conn, ndr)
+
+        await self._write(op)
+
+    async def execute_write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One statement in the writer's transaction; returns the number of rows changed."""
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(sql, params)
+            return cursor.rowcount
+
+        return await self._write(op)  # type: ignore[no-any-return]
+
+    # ---- reading ----------------------------------------------------------------------
+
+    async def data_version(self) -> int:
+        """Changes whenever another connection (the CLI) commits."""
+        async with self._conn.execute("PRAGMA data_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def list_messages(
+        self, *, status: Status | None = None, limit: int | None = None, newest: bool = False
+    ) -> list[MessageRow]:
+        """Messages oldest first (newest last, as mailq), with their recipients.
+
+        With `status`, only messages that have a recipient in that state. With `limit`, the
+        first `limit` of them (or the last, with newest=True) so a huge queue lists fast.
+        """
+        where = ""
+        params: list[Any] = []
+        if status is not None:
+            where = "WHERE id IN (SELECT message FROM recipients WHERE status = ?)"
+            params.append(status.value)
+        order = "DESC" if newest else "ASC"
+        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages {where} ORDER BY id {order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        async with self._conn.execute(sql, params) as cur:
+            messages = [_message(row) for row in await cur.fetchall()]
+        if newest:
+            messages.reverse()
+        await self._attach_recipients(messages)
+        return messages
+
+    async def _attach_recipients(self, messages: list[MessageRow]) -> None:
+        by_id = {m.id: m for m in messages}
+        ids = list(by_id)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message IN ({marks}) ORDER BY id"
+            async with self._conn.execute(sql, chunk) as cur:
+                for row in await cur.fetchall():
+                    recipient = _recipient(row)
+                    by_id[recipient.message].recipients.append(recipient)
+
+    async def get_message(self, message_id: int, *, history: bool = False) -> MessageRow | None:
+        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?"
+        async with self._conn.execute(sql, (message_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        message = _message(row)
+        await self._attach_recipients([message])
+        if history:
+            for recipient in message.recipients:
+                recipient.history = await self.history(recipient.id)
+        return message
+
+    async def history(self, recipient_id: int) -> list[Attempt]:
+        sql = "SELECT at, code, reply, server, ip FROM attempts WHERE recipient = ? ORDER BY id"
+        async with self._conn.execute(sql, (recipient_id,)) as cur:
+            return [Attempt(*row) for row in await cur.fetchall()]
+
+    async def content(self, message_id: int) -> bytes:
+        async with self._conn.execute(
+            "SELECT content FROM messages WHERE id = ?", (message_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise StoreError(f"message {message_id} is not in the queue")
+        return bytes(row[0])
+
+    async def due(
+        self, *, now: float, limit: int, exclude: Iterable[int] = ()
+    ) -> list[RecipientRow]:
+        """Pending recipients whose next attempt (or expiry) is due, oldest message first."""
+        sql = (
+            f"SELECT {_RECIPIENT_COLUMNS} FROM recipients "
+            "WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
+            "AND id NOT IN (SELECT value FROM json_each(?)) "
+            "ORDER BY next_attempt_at, message, id LIMIT ?"
+        )
+        params = (now, json.dumps(list(exclude)), limit)
+        async with self._conn.execute(sql, params) as cur:
+            return [_recipient(row) for row in await cur.fetchall()]
+
+    async def next_due_at(self) -> float | None:
+        async with self._conn.execute(
+            "SELECT min(next_attempt_at) FROM recipients WHERE next_attempt_at IS NOT NULL"
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read for the views (digest, alerts) that have their own SQL."""
+        async with self._conn.execute(sql, params) as cur:
+            return [tuple(row) for row in await cur.fetchall()]
+
+    # ---- settings (clock offset, runtime changes) ----------------------------------
+
+    async def get_setting(self, key: str) -> str | None:
+        async with self._conn.execute("SELECT value FROM settings WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_setting(self, key: str, value: str | None) -> None:
+        if value is None:
+            await self.execute_write("DELETE FROM settings WHERE key = ?", (key,))
+        else:
+            await self.execute_write(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    async def settings(self, prefix: str) -> dict[str, str]:
+        async with self._conn.execute(
+            "SELECT key, value FROM settings WHERE key LIKE ? ORDER BY key", (prefix + "%",)
+        ) as cur:
+            return {str(k): str(v) for k, v in await cur.fetchall()}
+
+
+async def _insert_message(conn: aiosqlite.Connection, message: NewMessage) -> int:
+    await conn.execute(
+        "INSERT INTO messages (id, message_id, mail_from, subject, size, received_at, "
+        "client_address, client_helo, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message.id,
+            message.message_id,
+            message.mail_from,
+            message.subject,
+            len(message.content),
+            message.received_at,
+            message.client_address,
+            message.client_helo,
+            message.content,
+        ),
+    )
+    await conn.executemany(
+        "INSERT INTO recipients (message, address, status, connector, next_attempt_at, "
+        "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (
+                message.id,
+                r.address,
+                Status.QUEUED.value,
+                r.connector,
+                message.received_at,
+                message.expires_at,
+            )
+            for r in message.recipients
+        ],
+    )
+    return message.id
+
+
+async def _write_outcomes(conn: aiosqlite.Connection, outcomes: Sequence[Outcome]) -> None:
+    rows = []
+    history = []
+    for o in outcomes:
+        final = o.status in FINAL
+        rows.append(
+            (
+                o.status.value,
+                o.connector,
+                1 if o.counts_attempt else 0,
+                None if final else o.next_attempt_at,
+                o.at if o.status is Status.DELIVERED else None,
+                o.at if final else None,
+                o.error.to_json() if o.error else None,
+                o.recipient,
+            )
+        )
+        if o.error is not None and o.counts_attempt:
+            e = o.error
+            history.append((o.recipient, e.at, e.code, e.reply, e.server, e.ip))
+    await conn.executemany(
+        "UPDATE recipients SET status = ?, connector = ?, attempts = attempts + ?, "
+        "next_attempt_at = ?, delivered_at = coalesce(?, delivered_at), finished_at = ?, "
+        "last_error = coalesce(?, last_error) WHERE id = ?",
+        rows,
+    )
+    if history:
+        await conn.executemany(
+            "INSERT INTO attempts (recipient, at, code, reply, server, ip) VALUES (?, ?, ?, ?, ?, ?)",
+            history,
+        )
