@@ -1,0 +1,1 @@
+"""The lab: fault targets that reproduce every mail flow intelligence error on demand."""
