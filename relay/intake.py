@@ -14,10 +14,11 @@ import ssl
 import time
 import weakref
 from collections.abc import Callable
+from datetime import UTC, datetime
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from email.utils import formatdate, make_msgid
+from email.utils import format_datetime, make_msgid
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -70,11 +71,22 @@ _REWRITES = {
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with Exchange's wording and RFC 2034 codes on every reply."""
 
+    _replying_to_ehlo = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # RFC 2034 section 3: the EHLO reply lines carry no enhanced codes.
+        self._replying_to_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._replying_to_ehlo = False
+
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
             status = _REWRITES.get(status, status)
             if (
-                status[:3] in _ENHANCED_BY_REPLY
+                not self._replying_to_ehlo
+                and status[:3] in _ENHANCED_BY_REPLY
                 and status[3:4] == " "
                 and not _HAS_ENHANCED.match(status)
             ):
@@ -180,6 +192,11 @@ class IntakeHandler:
         return f"250 2.6.0 {message_id} [InternalId={queue_id}] Queued mail for delivery"
 
 
+def rfc5322_date(timestamp: float) -> str:
+    """ "Fri, 27 Nov 2026 05:26:32 +0000": UTC written as +0000, not the "unknown" -0000."""
+    return format_datetime(datetime.fromtimestamp(timestamp, UTC))
+
+
 def _client_ip(session: Session) -> str:
     peer = session.peer
     if isinstance(peer, tuple) and peer:
@@ -199,7 +216,7 @@ def _complete_headers(raw: bytes, *, now: float, hostname: str) -> tuple[bytes, 
         message_id = make_msgid(domain=hostname)
         added += f"Message-ID: {message_id}\r\n".encode()
     if parsed.get("Date") is None:
-        added += f"Date: {formatdate(now)}\r\n".encode()
+        added += f"Date: {rfc5322_date(now)}\r\n".encode()
     return added, message_id, decoded_subject(parsed.get("Subject"))
 
 
@@ -227,7 +244,7 @@ def _received_header(
     line = f"Received: from {helo} ([{ip}]) by {hostname} with {protocol} id {queue_id}"
     if rcpt:
         line += f"\r\n\tfor <{rcpt}>"
-    line += f"; {formatdate(now)}\r\n"
+    line += f"; {rfc5322_date(now)}\r\n"
     return line.encode("utf-8")
 
 
@@ -282,7 +299,7 @@ async def start_intake(
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=hostname,
-            ident=f"{BANNER_IDENT} at {formatdate(time.time())}",
+            ident=f"{BANNER_IDENT} at {rfc5322_date(time.time())}",
             tls_context=tls,
             require_starttls=False,  # handle_MAIL answers 530 5.7.0 itself
             timeout=300,  # RFC 5321 section 4.5.3.2.7: server timeout of 5 minutes

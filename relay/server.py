@@ -16,9 +16,12 @@ from typing import IO
 
 from relay.clock import Clock
 from relay.config import LoadedConfig
+from relay.delivery import Agent
 from relay.intake import IntakeHandler, IntakeServer, start_intake, tls_context
 from relay.policy import Policy
+from relay.resolve import Resolver
 from relay.store import Store, StoreError
+from relay.worker import Worker
 
 log = logging.getLogger("relay.server")
 
@@ -51,7 +54,8 @@ class Relay:
         self._server: IntakeServer | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._lock: IO[bytes] | None = None
-        self.worker: object | None = None
+        self.worker: Worker | None = None
+        self._worker_task: asyncio.Task[None] | None = None
 
     @property
     def db_path(self) -> Path:
@@ -77,7 +81,8 @@ class Relay:
         lock.flush()
         self._lock = lock
 
-    async def start(self) -> None:
+    async def start(self, *, run_worker: bool = True) -> None:
+        """Bind and begin. run_worker=False leaves delivery to explicit `worker.run_once()`."""
         self._take_lock()
         self.store = store = await Store.open(self.db_path)
         self.clock.offset = await load_clock_offset(store)
@@ -106,6 +111,21 @@ class Relay:
             tls=tls,
             require_tls=smtp.require_tls,
         )
+        self.worker = Worker(
+            store=store,
+            clock=self.clock,
+            config=self.config,
+            policy=lambda: self.policy,
+            agent=Agent(
+                resolver=Resolver(
+                    nameservers=self.config.dns.nameservers, timeout=self.config.dns.timeout
+                ),
+                hostname=smtp.hostname,
+            ),
+            mailboxes=self.loaded.path(self.config.mailboxes.path),
+        )
+        if run_worker:
+            self._worker_task = asyncio.create_task(self.worker.run())
         self._watcher = asyncio.create_task(self._watch())
         log.info("listening on %s, queue %s", smtp.listen, self.db_path)
 
@@ -127,6 +147,8 @@ class Relay:
         assert self.store is not None
         self.policy = await load_policy(self.store, self.loaded)
         self.clock.offset = await load_clock_offset(self.store)
+        if self.worker is not None:
+            self.worker.wake()  # a retry, hold or expiry request may make something due
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -135,6 +157,12 @@ class Relay:
                 await self._watcher
         if self._server is not None:
             await self._server.close()
+        if self._worker_task is not None:
+            self._worker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker_task
+        if self.worker is not None:
+            await self.worker.stop()
         if self.store is not None:
             await self.store.close()
         if self._lock is not None:

@@ -441,12 +441,36 @@ class Store:
         async with self._conn.execute(sql, params) as cur:
             return [_recipient(row) for row in await cur.fetchall()]
 
-    async def next_due_at(self) -> float | None:
-        async with self._conn.execute(
-            "SELECT min(next_attempt_at) FROM recipients WHERE next_attempt_at IS NOT NULL"
-        ) as cur:
+    async def next_due_at(self, *, exclude: Iterable[int] = ()) -> float | None:
+        sql = (
+            "SELECT min(next_attempt_at) FROM recipients WHERE next_attempt_at IS NOT NULL "
+            "AND id NOT IN (SELECT value FROM json_each(?))"
+        )
+        async with self._conn.execute(sql, (json.dumps(list(exclude)),)) as cur:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    async def senders(self, message_ids: Sequence[int]) -> dict[int, str]:
+        sql = "SELECT id, mail_from FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+        async with self._conn.execute(sql, (json.dumps(list(message_ids)),)) as cur:
+            return {int(r[0]): str(r[1]) for r in await cur.fetchall()}
+
+    async def retry_now(self, *, connector: str, now: float) -> int:
+        """Make a connector's deferred recipients due now (it is reachable again)."""
+        return await self.execute_write(
+            "UPDATE recipients SET next_attempt_at = ? WHERE connector = ? AND status = ? "
+            "AND next_attempt_at > ?",
+            (now, connector, Status.DEFERRED.value, now),
+        )
+
+    async def purge(self, *, before: float) -> int:
+        """Delete messages all of whose recipients finished before `before` (retention)."""
+        return await self.execute_write(
+            "DELETE FROM messages WHERE id IN (SELECT message FROM recipients "
+            "WHERE finished_at IS NOT NULL AND finished_at < ?) AND id NOT IN (SELECT message "
+            "FROM recipients WHERE finished_at IS NULL OR finished_at >= ?)",
+            (before, before),
+        )
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """A read for the views (digest, alerts) that have their own SQL."""
@@ -528,7 +552,7 @@ async def _write_outcomes(conn: aiosqlite.Connection, outcomes: Sequence[Outcome
                 o.recipient,
             )
         )
-        if o.error is not None and o.counts_attempt:
+        if o.error is not None:
             e = o.error
             history.append((o.recipient, e.at, e.code, e.reply, e.server, e.ip))
     await conn.executemany(

@@ -1,0 +1,199 @@
+"""Classification: the one table from what happened on the wire to a delivery outcome.
+
+Pure. The delivery agent reports a `WireEvent` (where the session was, what failed, the
+remote's reply if it gave one); `classify` turns it into an `Outcome`: the mail flow
+intelligence code (shared/seed/mail-flow-intelligence.md), whether to retry, and the
+Exchange Online "last error" line the queue shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from relay import codes
+from relay.codes import MailFlowCode
+
+
+class Stage(StrEnum):
+    """Where in the session something went wrong."""
+
+    RESOLVE = "resolve"
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+class Failure(StrEnum):
+    """What went wrong, in wire terms."""
+
+    DNS_NXDOMAIN = "nxdomain"  # the name does not exist
+    DNS_SERVFAIL = "servfail"
+    DNS_NO_ANSWER = "no-answer"  # the name exists but has no address
+    DNS_TIMEOUT = "dns-timeout"
+    DOMAIN_NXDOMAIN = "domain-nxdomain"  # the recipient's own domain does not exist
+    TIMEOUT = "timeout"
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"  # no route, network down: cannot connect
+    CLOSED = "closed"  # EOF or reset after connecting
+    REPLY = "reply"  # the remote answered with an error; see `reply`
+    TLS_NOT_OFFERED = "tls-not-offered"
+    TLS_FAILED = "tls-failed"  # STARTTLS handshake failed (not a certificate problem)
+    CERT_EXPIRED = "cert-expired"
+    CERT_NAME = "cert-name"
+    CERT_UNTRUSTED = "cert-untrusted"
+    CERT_INVALID = "cert-invalid"
+
+
+CERTIFICATE_FAILURES = frozenset(
+    {Failure.CERT_EXPIRED, Failure.CERT_NAME, Failure.CERT_UNTRUSTED, Failure.CERT_INVALID}
+)
+DNS_FAILURES = frozenset(
+    {Failure.DNS_NXDOMAIN, Failure.DNS_SERVFAIL, Failure.DNS_NO_ANSWER, Failure.DNS_TIMEOUT}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WireEvent:
+    stage: Stage
+    failure: Failure
+    detail: str  # what the agent saw, in words ("connect to 127.0.0.1:2526: Connection refused")
+    server: str | None = None  # the smart host or MX name tried last
+    ip: str | None = None
+    port: int | None = None
+    code: int | None = None  # the remote's reply code, for Failure.REPLY
+    reply: str = ""  # the remote's reply text, for Failure.REPLY
+
+
+class Verdict(StrEnum):
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    code: str  # "4.4.316", or the remote's enhanced code ("4.7.1", "5.1.1")
+    title: str
+    reply: str  # the Exchange-style last error line (the LED)
+    mail_flow: MailFlowCode | None
+    server: str | None
+    ip: str | None  # "ip:port" as in LastAttemptedIP
+    final_reply: str = ""  # for a permanent failure: the 5xx line the NDR quotes
+
+    @property
+    def permanent(self) -> bool:
+        return self.verdict is Verdict.PERMANENT
+
+
+# The table (issue 3, section 3). Remote replies are not in it: they keep their own code.
+_TABLE: dict[Failure, MailFlowCode] = {
+    Failure.DNS_NXDOMAIN: codes.DNS_QUERY_FAILED,
+    Failure.DNS_SERVFAIL: codes.DNS_QUERY_FAILED,
+    Failure.DNS_NO_ANSWER: codes.DNS_QUERY_FAILED,
+    Failure.DNS_TIMEOUT: codes.DNS_QUERY_FAILED,
+    Failure.TIMEOUT: codes.CONNECTION_TIMED_OUT,
+    Failure.REFUSED: codes.CONNECTION_REFUSED,
+    Failure.UNREACHABLE: codes.CANNOT_CONNECT,
+    Failure.TLS_NOT_OFFERED: codes.CANNOT_CONNECT,
+    Failure.TLS_FAILED: codes.CANNOT_CONNECT,
+    Failure.CLOSED: codes.CLOSED_ABRUPTLY,
+    Failure.CERT_EXPIRED: codes.CERTIFICATE_VALIDATION_FAILED,
+    Failure.CERT_NAME: codes.CERTIFICATE_VALIDATION_FAILED,
+    Failure.CERT_UNTRUSTED: codes.CERTIFICATE_VALIDATION_FAILED,
+    Failure.CERT_INVALID: codes.CERTIFICATE_VALIDATION_FAILED,
+}
+
+# A recipient domain that does not exist fails at once, like Exchange Online's NDR.
+DOMAIN_NOT_FOUND = "550 5.4.310 DNS domain {domain} does not exist"
+
+
+def classify(event: WireEvent) -> Outcome:
+    endpoint = _endpoint(event)
+    if event.failure is Failure.DOMAIN_NXDOMAIN:
+        line = DOMAIN_NOT_FOUND.format(domain=event.server or "")
+        return Outcome(
+            Verdict.PERMANENT,
+            "5.4.310",
+            "DNS domain does not exist",
+            line,
+            None,
+            event.server,
+            None,
+            final_reply=line,
+        )
+    if event.failure is Failure.REPLY:
+        return _remote_reply(event, endpoint)
+    mail_flow = _TABLE[event.failure]
+    line = codes.led(
+        mail_flow,
+        reply=mail_flow.reply,
+        message=event.detail,
+        server=event.server,
+        ip=event.ip,
+        port=event.port,
+    )
+    return Outcome(
+        Verdict.TRANSIENT, mail_flow.code, mail_flow.title, line, mail_flow, event.server, endpoint
+    )
+
+
+def _remote_reply(event: WireEvent, endpoint: str | None) -> Outcome:
+    code = event.code or 451
+    remote = f"{code} {event.reply}".strip()
+    # The greeting or EHLO answered with an error (421 Service not available): the server
+    # would not talk to us at all, which Exchange reports as 4.4.317 with the reply inside.
+    if event.stage in (Stage.GREETING, Stage.EHLO, Stage.STARTTLS):
+        mail_flow = codes.CANNOT_CONNECT
+        line = codes.led(
+            mail_flow,
+            reply=mail_flow.reply,
+            message=remote,
+            server=event.server,
+            ip=event.ip,
+            port=event.port,
+        )
+        return Outcome(
+            Verdict.TRANSIENT,
+            mail_flow.code,
+            mail_flow.title,
+            line,
+            mail_flow,
+            event.server,
+            endpoint,
+        )
+    verdict = Verdict.PERMANENT if 500 <= code < 600 else Verdict.TRANSIENT
+    enhanced = codes.status_of(remote)
+    line = codes.led(
+        None, reply=remote, message="", server=event.server, ip=event.ip, port=event.port
+    )
+    return Outcome(
+        verdict,
+        enhanced,
+        _title(event.reply),
+        line,
+        None,
+        event.server,
+        endpoint,
+        final_reply=remote,
+    )
+
+
+def _title(reply: str) -> str:
+    """The remote's words without its enhanced code: "User unknown"."""
+    words = reply.split(" ", 1)
+    if len(words) == 2 and words[0][:1] in "245" and words[0].count(".") == 2:
+        return words[1]
+    return reply
+
+
+def _endpoint(event: WireEvent) -> str | None:
+    if event.ip is None:
+        return None
+    if event.port is None:
+        return event.ip
+    return f"[{event.ip}]:{event.port}" if ":" in event.ip else f"{event.ip}:{event.port}"

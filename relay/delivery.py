@@ -1,0 +1,460 @@
+"""The delivery agent: resolve, connect, apply the connector's TLS policy, run the SMTP
+transaction, and report per recipient what happened on the wire. It decides nothing:
+`relay.classify` turns its `WireEvent`s into outcomes, and the worker writes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPConnectError,
+    SMTPConnectResponseError,
+    SMTPConnectTimeoutError,
+    SMTPException,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from relay.classify import Failure, Stage, WireEvent
+from relay.config import TlsPolicy
+from relay.resolve import DnsError, Resolver, is_ip
+from relay.routing import Route, RouteKind
+
+log = logging.getLogger("relay.delivery")
+
+# RFC 5321 section 4.5.3.2 suggests minutes per command; a lab wants failures sooner.
+COMMAND_TIMEOUT = 60.0
+DATA_TIMEOUT = 120.0
+REQUIRED_TLS = frozenset(
+    {TlsPolicy.ENCRYPTION_ONLY, TlsPolicy.CERTIFICATE_VALIDATION, TlsPolicy.DOMAIN_VALIDATION}
+)
+# OpenSSL's X509 verify results (x509_vfy.h) that mean "expired" / "not trusted".
+_EXPIRED = {10, 12}  # certificate / CRL has expired
+_UNTRUSTED = {2, 18, 19, 20, 21, 27}
+
+
+@dataclass(frozen=True, slots=True)
+class Parcel:
+    """One message for one destination: the recipients that share a transaction."""
+
+    message: int
+    mail_from: str
+    recipients: tuple[tuple[int, str], ...]  # (recipient row id, address)
+
+
+# Per recipient row id: None when the destination accepted it, else what went wrong.
+Results = dict[int, WireEvent | None]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    policy: TlsPolicy
+    tls_domain: str = ""
+    ca_file: Path | None = None
+
+
+@dataclass(slots=True)
+class Target:
+    """Where an attempt goes: the route's hosts in order, with their TLS policy."""
+
+    hosts: list[tuple[str, int]]
+    tls: TlsSettings
+    connect_timeout: float
+    events: list[WireEvent] = field(default_factory=list)
+
+
+class SessionBroken(Exception):
+    def __init__(self, event: WireEvent) -> None:
+        super().__init__(event.detail)
+        self.event = event
+
+
+def tls_context(settings: TlsSettings) -> ssl.SSLContext | None:
+    """The client context for a connector's TLS policy (Exchange's TlsSettings)."""
+    if settings.policy is TlsPolicy.NONE:
+        return None
+    if settings.policy in (TlsPolicy.OPPORTUNISTIC, TlsPolicy.ENCRYPTION_ONLY):
+        # Encryption without authentication, like Postfix's "may" and "encrypt".
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    context = ssl.create_default_context()
+    if settings.ca_file is not None:
+        context.load_verify_locations(cafile=str(settings.ca_file))
+    # certificate_validation checks the chain and dates; domain_validation also the name
+    # (Python's matching follows RFC 6125, wildcards included).
+    context.check_hostname = settings.policy is TlsPolicy.DOMAIN_VALIDATION
+    return context
+
+
+class Agent:
+    """Delivers parcels for one route over as few connections as it can."""
+
+    def __init__(self, *, resolver: Resolver, hostname: str) -> None:
+        self._resolver = resolver
+        self._hostname = hostname
+        self._contexts: dict[TlsSettings, ssl.SSLContext | None] = {}
+
+    def _context(self, settings: TlsSettings) -> ssl.SSLContext | None:
+        if settings not in self._contexts:
+            self._contexts[settings] = tls_context(settings)
+        return self._contexts[settings]
+
+    async def target(self, route: Route) -> Target:
+        """The hosts to try for a route; raises SessionBroken when the MX lookup fails."""
+        connector = route.connector
+        tls = TlsSettings(TlsPolicy.OPPORTUNISTIC)
+        timeout = 30.0
+        if connector is not None:
+            ca = Path(connector.ca_file) if connector.ca_file else None
+            tls = TlsSettings(connector.tls, connector.tls_domain, ca)
+            timeout = connector.connect_timeout
+            if not connector.use_mx:
+                return Target(connector.destinations, tls, timeout)
+        try:
+            names = await self._resolver.mx(route.domain)
+        except DnsError as exc:
+            if route.kind is RouteKind.MX and exc.failure is Failure.DNS_NXDOMAIN:
+                failure = Failure.DOMAIN_NXDOMAIN
+            else:
+                failure = exc.failure
+            raise SessionBroken(
+                WireEvent(Stage.RESOLVE, failure, exc.detail, server=route.domain)
+            ) from None
+        return Target([(name, 25) for name in names], tls, timeout)
+
+    async def deliver(
+        self,
+        route: Route,
+        parcels: Sequence[Parcel],
+        content: Callable[[int], Awaitable[bytes]],
+    ) -> AsyncIterator[tuple[Parcel, Results]]:
+        """Send each parcel in order over one connection (reused), yielding its results.
+
+        When the destination cannot be reached, or the session breaks, every parcel not yet
+        sent gets the same event: the destination is down for all of them (Exchange puts
+        the whole queue in retry).
+        """
+        try:
+            session = await self._open(await self.target(route))
+        except SessionBroken as broken:  # the route's hosts could not be found or reached
+            for parcel in parcels:
+                yield parcel, {rid: broken.event for rid, _ in parcel.recipients}
+            return
+        try:
+            for index, parcel in enumerate(parcels):
+                try:
+                    results = await session.send(parcel, await content(parcel.message))
+                except SessionBroken as broken:
+                    for rest in parcels[index:]:
+                        yield rest, {rid: broken.event for rid, _ in rest.recipients}
+                    return
+                yield parcel, results
+        finally:
+            await session.quit()
+
+    async def _open(self, target: Target) -> Session:
+        """Try each host and address in order; the error kept is the last one tried."""
+        last: WireEvent | None = None
+        for name, port in target.hosts:
+            try:
+                addresses = await self._resolver.addresses(name)
+            except DnsError as exc:
+                last = WireEvent(Stage.RESOLVE, exc.failure, exc.detail, server=name)
+                continue
+            for ip in addresses:
+                try:
+                    return await self._connect(target, name, ip, port)
+                except SessionBroken as broken:
+                    last = broken.event
+        assert last is not None, "a route always has at least one host"
+        raise SessionBroken(last)
+
+    async def _connect(self, target: Target, name: str, ip: str, port: int) -> Session:
+        session = Session(name=name, ip=ip, port=port, hostname=self._hostname)
+        settings = target.tls
+        try:
+            await session.connect(target.connect_timeout)
+            if settings.policy is TlsPolicy.NONE:
+                return session
+            return await self._starttls(session, settings, target.connect_timeout)
+        except SessionBroken:
+            await session.close()
+            raise
+
+    async def _starttls(
+        self, session: Session, settings: TlsSettings, connect_timeout: float
+    ) -> Session:
+        required = settings.policy in REQUIRED_TLS
+        if not session.smtp.supports_extension("starttls"):
+            if required:
+                raise session.broken(
+                    Stage.STARTTLS,
+                    Failure.TLS_NOT_OFFERED,
+                    f"STARTTLS is required to send mail, but {session.name} does not offer it "
+                    f"(connector TLS: {settings.policy.value})",
+                )
+            return session
+        sni = settings.tls_domain or (None if is_ip(session.name) else session.name)
+        try:
+            await session.starttls(self._context(settings), sni, settings)
+        except _TlsFallback as fallback:
+            if required:
+                raise session.broken(Stage.STARTTLS, Failure.TLS_FAILED, str(fallback)) from None
+            # Postfix's "may": a failed handshake is retried in plain text.
+            log.info("%s: %s; retrying without TLS", session.name, fallback)
+            await session.close()
+            plain = Session(
+                name=session.name, ip=session.ip, port=session.port, hostname=session.hostname
+            )
+            await plain.connect(connect_timeout)
+            return plain
+        return session
+
+
+class _TlsFallback(Exception):
+    """The TLS handshake failed for a reason other than the certificate."""
+
+
+class Session:
+    """One SMTP client connection (aiosmtplib), with failures turned into WireEvents."""
+
+    def __init__(self, *, name: str, ip: str, port: int, hostname: str) -> None:
+        self.name = name
+        self.ip = ip
+        self.port = port
+        self.hostname = hostname
+        self.smtp = aiosmtplib.SMTP(
+            hostname=ip,
+            port=port,
+            local_hostname=hostname,
+            timeout=COMMAND_TIMEOUT,
+            use_tls=False,
+            start_tls=False,
+            validate_certs=False,
+        )
+
+    @property
+    def endpoint(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    def broken(
+        self,
+        stage: Stage,
+        failure: Failure,
+        detail: str,
+        *,
+        code: int | None = None,
+        reply: str = "",
+    ) -> SessionBroken:
+        return SessionBroken(
+            WireEvent(
+                stage,
+                failure,
+                detail,
+                server=self.name,
+                ip=self.ip,
+                port=self.port,
+                code=code,
+                reply=reply,
+            )
+        )
+
+    def event(self, stage: Stage, code: int, reply: str) -> WireEvent:
+        return WireEvent(
+            stage,
+            Failure.REPLY,
+            f"{code} {reply}",
+            server=self.name,
+            ip=self.ip,
+            port=self.port,
+            code=code,
+            reply=reply,
+        )
+
+    async def connect(self, timeout: float) -> None:
+        try:
+            await self.smtp.connect(timeout=timeout)
+        except SMTPConnectResponseError as exc:
+            raise self.broken(
+                Stage.GREETING, Failure.REPLY, exc.message, code=exc.code, reply=exc.message
+            ) from None
+        except SMTPConnectTimeoutError as exc:
+            stage = Stage.GREETING if "ready message" in str(exc) else Stage.CONNECT
+            what = "no greeting" if stage is Stage.GREETING else "no answer to the TCP connect"
+            raise self.broken(
+                stage, Failure.TIMEOUT, f"{what} from {self.endpoint} within {timeout:g}s"
+            ) from None
+        except SMTPConnectError as exc:
+            raise self._connect_failure(exc) from None
+        await self._ehlo()
+
+    def _connect_failure(self, exc: SMTPConnectError) -> SessionBroken:
+        cause = exc.__cause__
+        if isinstance(cause, ConnectionRefusedError):
+            return self.broken(
+                Stage.CONNECT,
+                Failure.REFUSED,
+                f"connect to {self.endpoint} failed: connection refused",
+            )
+        if isinstance(cause, SMTPServerDisconnected):
+            return self.broken(
+                Stage.GREETING,
+                Failure.CLOSED,
+                f"{self.endpoint} closed the connection before its greeting",
+            )
+        if isinstance(cause, OSError) and cause.errno in (errno.ETIMEDOUT,):
+            return self.broken(
+                Stage.CONNECT, Failure.TIMEOUT, f"connect to {self.endpoint} timed out"
+            )
+        reason = getattr(cause, "strerror", None) or str(cause or exc)
+        return self.broken(
+            Stage.CONNECT, Failure.UNREACHABLE, f"connect to {self.endpoint} failed: {reason}"
+        )
+
+    async def _ehlo(self) -> None:
+        try:
+            try:
+                await self.smtp.ehlo()
+            except SMTPResponseException as exc:
+                if exc.code < 500:
+                    raise
+                await self.smtp.helo()  # RFC 5321 section 3.2: fall back to HELO on 5xx
+        except SMTPResponseException as exc:
+            raise self.broken(
+                Stage.EHLO, Failure.REPLY, exc.message, code=exc.code, reply=exc.message
+            ) from None
+        except (SMTPServerDisconnected, ConnectionError):
+            raise self.broken(
+                Stage.EHLO, Failure.CLOSED, f"{self.endpoint} closed the connection after EHLO"
+            ) from None
+        except SMTPTimeoutError:
+            raise self.broken(
+                Stage.EHLO, Failure.TIMEOUT, f"{self.endpoint} did not answer EHLO in time"
+            ) from None
+
+    async def starttls(
+        self, context: ssl.SSLContext | None, sni: str | None, settings: TlsSettings
+    ) -> None:
+        try:
+            await self.smtp.starttls(tls_context=context, server_hostname=sni)
+        except ssl.SSLCertVerificationError as exc:
+            raise self._certificate_failure(exc, settings) from None
+        except SMTPResponseException as exc:
+            if settings.policy in REQUIRED_TLS:
+                raise self.broken(
+                    Stage.STARTTLS, Failure.REPLY, exc.message, code=exc.code, reply=exc.message
+                ) from None
+            return  # opportunistic: the server declined; go on in plain text
+        except (ssl.SSLError, SMTPServerDisconnected, SMTPTimeoutError, ConnectionError) as exc:
+            raise _TlsFallback(f"TLS handshake with {self.endpoint} failed: {exc}") from None
+        await self._ehlo()
+
+    def _certificate_failure(
+        self, exc: ssl.SSLCertVerificationError, settings: TlsSettings
+    ) -> SessionBroken:
+        code = exc.verify_code
+        message = exc.verify_message or str(exc)
+        if code in _EXPIRED:
+            failure, what = Failure.CERT_EXPIRED, "CertificateExpired"
+        elif code == 62 or "hostname mismatch" in message.lower():
+            failure, what = (
+                Failure.CERT_NAME,
+                (f"SubjectMismatch Expected Subject: {settings.tls_domain}"),
+            )
+        elif code in _UNTRUSTED:
+            failure, what = Failure.CERT_UNTRUSTED, "UntrustedRoot"
+        else:
+            failure, what = Failure.CERT_INVALID, "CertificateInvalid"
+        detail = f"{what}: {message} (connector TLS: {settings.policy.value})"
+        return self.broken(Stage.STARTTLS, failure, detail)
+
+    async def send(self, parcel: Parcel, content: bytes) -> Results:
+        """One transaction: MAIL, RCPT for each recipient, DATA; per-recipient results."""
+        smtp = self.smtp
+        options: list[str] = []
+        if smtp.supports_extension("size"):
+            options.append(f"SIZE={len(content)}")
+        if not content.isascii() and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        addresses = [parcel.mail_from, *(a for _, a in parcel.recipients)]
+        if not all(a.isascii() for a in addresses) and smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+        stage = Stage.MAIL
+        try:
+            replies = await self._envelope(parcel, options)
+            mail_reply = replies[0]
+            if mail_reply.code != 250:
+                await self._reset()
+                event = self.event(Stage.MAIL, mail_reply.code, mail_reply.message)
+                return {rid: event for rid, _ in parcel.recipients}
+            results: Results = {}
+            accepted: list[int] = []
+            for (rid, _), reply in zip(parcel.recipients, replies[1:], strict=True):
+                if reply.code in (250, 251):
+                    accepted.append(rid)
+                else:
+                    results[rid] = self.event(Stage.RCPT, reply.code, reply.message)
+            if not accepted:
+                await self._reset()
+                return results
+            stage = Stage.DATA
+            try:
+                await smtp.protocol.execute_data_command(content, timeout=DATA_TIMEOUT)  # type: ignore[union-attr]
+            except SMTPResponseException as exc:
+                event = self.event(Stage.DATA, exc.code, exc.message)
+                results.update({rid: event for rid in accepted})
+                await self._reset()
+                return results
+            results.update({rid: None for rid in accepted})
+            return results
+        except (SMTPServerDisconnected, ConnectionError) as exc:
+            raise self.broken(
+                stage,
+                Failure.CLOSED,
+                f"{self.endpoint} closed the connection during {stage.value.upper()} ({exc})",
+            ) from None
+        except SMTPTimeoutError:
+            raise self.broken(
+                stage,
+                Failure.TIMEOUT,
+                f"{self.endpoint} did not answer {stage.value.upper()} in time",
+            ) from None
+
+    async def _envelope(self, parcel: Parcel, options: list[str]) -> list[aiosmtplib.SMTPResponse]:
+        """MAIL and the RCPTs, in one write when the server offers PIPELINING (RFC 2920)."""
+        smtp = self.smtp
+        mail = f"MAIL FROM:<{parcel.mail_from}>" + "".join(f" {o}" for o in options)
+        commands = [mail] + [f"RCPT TO:<{address}>" for _, address in parcel.recipients]
+        if smtp.supports_extension("pipelining") and smtp.protocol is not None:
+            protocol = smtp.protocol
+            protocol.write("".join(c + "\r\n" for c in commands).encode("utf-8"))
+            return [await protocol.read_response(timeout=COMMAND_TIMEOUT) for _ in commands]
+        replies = [await smtp.execute_command(commands[0].encode("utf-8"))]
+        if replies[0].code != 250:
+            return replies
+        for command in commands[1:]:
+            replies.append(await smtp.execute_command(command.encode("utf-8")))
+        return replies
+
+    async def _reset(self) -> None:
+        with contextlib.suppress(SMTPResponseException):
+            await self.smtp.rset()
+
+    async def quit(self) -> None:
+        with contextlib.suppress(SMTPException, OSError):
+            await self.smtp.quit(timeout=5)
+        await self.close()
+
+    async def close(self) -> None:
+        self.smtp.close()

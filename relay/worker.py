@@ -1,0 +1,386 @@
+"""The queue manager and its delivery worker: what is due, where it goes, what came of it.
+
+It sleeps until the next recipient is due (no polling), wakes at once when mail is committed,
+the CLI changes the queue or the clock jumps, and never holds more than a bounded number of
+recipients in memory. Each route is delivered by the agent over reused connections, at most
+`CONNECTIONS_PER_ROUTE` at a time; results and the NDRs they cause are written together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay import codes, mailbox, ndr
+from relay.classify import Failure, Outcome, Stage, WireEvent, classify
+from relay.clock import Clock, to_datetime
+from relay.config import Config, DomainType
+from relay.delivery import Agent, Parcel, Results
+from relay.intake import rfc5322_date
+from relay.policy import Policy
+from relay.retry import next_attempt_at
+from relay.routing import Route, RouteKind, route
+from relay.store import LastError, NewMessage, NewRecipient, RecipientRow, Status, Store
+from relay.store import Outcome as Result
+
+log = logging.getLogger("relay.worker")
+
+BATCH = 500  # recipients read per dispatch
+MAX_IN_FLIGHT = 2000  # recipients worked on at once, whatever the queue size
+PARCELS_PER_CONNECTION = 50  # messages sent over one connection before another one helps
+CONNECTIONS_PER_ROUTE = 10
+MAX_SLEEP = 60.0  # re-check at least this often, in case a wake-up was missed
+PURGE_EVERY = 600.0
+NDR_HISTORY = 5  # the last attempts an NDR quotes
+
+# Fix now (an internal_relay domain made authoritative): queued mail for addresses that do
+# not exist there fails at once, as Exchange Online's recipient resolution does.
+RECIPIENT_NOT_FOUND = (
+    "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    row: RecipientRow
+    route: Route
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        clock: Clock,
+        config: Config,
+        policy: Callable[[], Policy],
+        agent: Agent,
+        mailboxes: Path,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._config = config
+        self._policy = policy
+        self._agent = agent
+        self._mailboxes = mailboxes
+        self._wake = asyncio.Event()
+        self._in_flight: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._limits: dict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(CONNECTIONS_PER_ROUTE)
+        )
+        self._failing: set[str] = set()  # connectors whose last attempt did not get through
+        self._last_purge = 0.0
+        store.on_commit.append(self.wake)
+        clock.on_change(self.wake)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._dispatch()
+                await self._purge_if_due()
+                delay = await self._sleep_time()
+            except Exception:  # keep the relay alive; the next wake-up tries again
+                log.exception("dispatch failed")
+                delay = 5.0
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def run_once(self) -> None:
+        """Work until nothing is due now: tests drive the worker with this, never sleeping."""
+        while True:
+            await self._dispatch()
+            if not self._tasks:
+                return
+            await asyncio.gather(*list(self._tasks))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for task in pending:  # unrecorded recipients stay due and are tried again
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _sleep_time(self) -> float:
+        if len(self._in_flight) >= MAX_IN_FLIGHT:
+            return MAX_SLEEP  # a finishing task wakes us
+        next_at = await self._store.next_due_at(exclude=self._in_flight)
+        if next_at is None:
+            return MAX_SLEEP
+        return min(MAX_SLEEP, max(0.0, next_at - self._clock.now()))
+
+    async def _dispatch(self) -> None:
+        room = MAX_IN_FLIGHT - len(self._in_flight)
+        if room <= 0:
+            return
+        now = self._clock.now()
+        rows = await self._store.due(now=now, limit=min(BATCH, room), exclude=self._in_flight)
+        policy = self._policy()
+        expired: list[RecipientRow] = []
+        unknown: list[RecipientRow] = []
+        groups: dict[str, list[_Item]] = defaultdict(list)
+        for row in rows:
+            if now >= row.expires_at:
+                expired.append(row)
+            elif _unknown_in_authoritative(row.address, policy):
+                unknown.append(row)
+            else:
+                item = _Item(row, route(row.address, policy))
+                groups[item.route.key].append(item)
+        if expired:
+            self._spawn(self._give_up(expired, now, reply=None), expired)
+        if unknown:
+            self._spawn(self._give_up(unknown, now, reply=RECIPIENT_NOT_FOUND), unknown)
+        for key, items in groups.items():
+            for chunk in _chunks(items, PARCELS_PER_CONNECTION):
+                self._spawn(self._deliver(key, chunk), [i.row for i in chunk])
+
+    def _spawn(self, work: Awaitable[None], rows: Sequence[RecipientRow]) -> None:
+        ids = [r.id for r in rows]
+        self._in_flight.update(ids)
+
+        async def run() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("a delivery task failed; its recipients stay due")
+            finally:
+                self._in_flight.difference_update(ids)
+                self.wake()
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- delivery -----------------------------------------------------------------------
+
+    async def _deliver(self, key: str, items: list[_Item]) -> None:
+        the_route = items[0].route
+        rows = {i.row.id: i.row for i in items}
+        parcels = await self._parcels(items)
+        async with self._limits[key]:
+            if the_route.kind is RouteKind.MAILBOX:
+                for parcel in parcels:
+                    await self._record(the_route, parcel, await self._to_mailboxes(parcel), rows)
+                return
+            async for parcel, results in self._agent.deliver(
+                the_route, parcels, self._store.content
+            ):
+                await self._record(the_route, parcel, results, rows)
+
+    async def _parcels(self, items: list[_Item]) -> list[Parcel]:
+        """One parcel per message, in arrival order (Exchange delivers a queue in order)."""
+        by_message: dict[int, list[RecipientRow]] = defaultdict(list)
+        for item in items:
+            by_message[item.row.message].append(item.row)
+        senders = await self._store.senders(list(by_message))
+        return [
+            Parcel(message, senders.get(message, ""), tuple((r.id, r.address) for r in rows))
+            for message, rows in sorted(by_message.items())
+        ]
+
+    async def _to_mailboxes(self, parcel: Parcel) -> Results:
+        content = await self._store.content(parcel.message)
+        results: Results = {}
+        for rid, address in parcel.recipients:
+            try:
+                await asyncio.to_thread(
+                    mailbox.deliver,
+                    self._mailboxes,
+                    address,
+                    mail_from=parcel.mail_from,
+                    content=content,
+                )
+                results[rid] = None
+            except OSError as exc:  # disk full, permissions: try again later
+                log.error("mailbox %s: %s", address, exc)
+                text = f"4.3.0 Could not write to the mailbox: {exc.strerror or exc}"
+                results[rid] = WireEvent(
+                    Stage.DATA, Failure.REPLY, text, server="mailbox", code=451, reply=text
+                )
+        return results
+
+    async def _record(
+        self, the_route: Route, parcel: Parcel, results: Results, rows: dict[int, RecipientRow]
+    ) -> None:
+        now = self._clock.now()
+        written: list[Result] = []
+        failed: list[tuple[RecipientRow, str, LastError]] = []
+        delivered = 0
+        for rid, event in results.items():
+            row = rows[rid]
+            if event is None:
+                delivered += 1
+                written.append(Result(rid, Status.DELIVERED, now, the_route.label))
+                continue
+            outcome = classify(event)
+            error = _last_error(outcome, now)
+            if outcome.permanent:
+                written.append(Result(rid, Status.FAILED, now, the_route.label, error=error))
+                failed.append((row, outcome.final_reply or outcome.reply, error))
+                continue
+            next_at = next_attempt_at(
+                attempts=row.attempts + 1,
+                now=now,
+                schedule=self._config.queue.retry_schedule,
+                expires_at=row.expires_at,
+            )
+            written.append(
+                Result(
+                    rid, Status.DEFERRED, now, the_route.label, next_attempt_at=next_at, error=error
+                )
+            )
+        await self._store.record(written, await self._ndrs(parcel.message, failed, now))
+        if the_route.kind is RouteKind.CONNECTOR:
+            await self._note_connector(the_route.label, delivered > 0, now)
+        if delivered:
+            log.info(
+                "delivered id=%d to %d recipient(s) via %s",
+                parcel.message,
+                delivered,
+                the_route.label,
+            )
+
+    async def _note_connector(self, name: str, delivered: bool, now: float) -> None:
+        """When a connector comes back, its deferred mail goes now, in arrival order."""
+        if not delivered:
+            self._failing.add(name)
+        elif name in self._failing:
+            self._failing.discard(name)
+            await self._store.retry_now(connector=name, now=now)
+
+    async def _give_up(self, rows: list[RecipientRow], now: float, *, reply: str | None) -> None:
+        """Expire (reply None: the 550 follows the last mail flow code) or fail recipients."""
+        by_message: dict[int, list[tuple[RecipientRow, str, LastError]]] = defaultdict(list)
+        written: list[Result] = []
+        for row in rows:
+            last = row.last_error
+            if reply is None:
+                line = codes.expired_reply(last.code if last else None)
+                status, title = Status.EXPIRED, "Message expired"
+            else:
+                line, status, title = reply, Status.FAILED, "Recipient not found"
+            error = LastError(
+                codes.status_of(line),
+                line,
+                title,
+                last.server if last else None,
+                last.ip if last else None,
+                now,
+            )
+            written.append(
+                Result(row.id, status, now, row.connector, error=error, counts_attempt=False)
+            )
+            by_message[row.message].append((row, line, error))
+        ndrs: list[NewMessage] = []
+        for message, failed in sorted(by_message.items()):
+            ndrs += await self._ndrs(message, failed, now)
+        await self._store.record(written, ndrs)
+
+    async def _ndrs(
+        self, message_id: int, failed: list[tuple[RecipientRow, str, LastError]], now: float
+    ) -> list[NewMessage]:
+        """The NDR for the recipients of one message that failed in this pass (none for <>)."""
+        if not failed:
+            return []
+        message = await self._store.get_message(message_id, history=True)
+        if message is None or not message.mail_from:
+            return []
+        histories = {r.id: r.history for r in message.recipients}
+        recipients = []
+        for row, line, error in failed:
+            history = [(to_datetime(a.at), a.reply) for a in histories.get(row.id, [])]
+            if not line.startswith("550 5.4.3") and error.reply != line:
+                history.append((to_datetime(error.at), error.reply))
+            recipients.append(
+                ndr.FailedRecipient(row.address, line, error.server, tuple(history[-NDR_HISTORY:]))
+            )
+        content = await self._store.content(message_id)
+        headers = content.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+        bounce = ndr.Bounce(
+            original_headers=headers,
+            original_mail_from=message.mail_from,
+            arrival_date=to_datetime(message.received_at),
+            received_from_mta=message.client_helo or message.client_address or None,
+            recipients=tuple(recipients),
+        )
+        hostname = self._config.smtp.hostname
+        postmaster = f"postmaster@{self._config.default_domain}"
+        body = ndr.build_ndr(
+            bounce, reporting_mta=hostname, postmaster=postmaster, now=to_datetime(now)
+        )
+        if body is None:
+            return []
+        queue_id = self._store.reserve_id()
+        received = (
+            f"Received: from localhost by {hostname} (NDR) id {queue_id}; {rfc5322_date(now)}\r\n"
+        ).encode()
+        sender = message.mail_from
+        log.info("NDR for id=%d to <%s> (%d recipient(s))", message_id, sender, len(recipients))
+        return [
+            NewMessage(
+                id=queue_id,
+                message_id=_message_id(body),
+                mail_from="",
+                subject=f"Undeliverable: {message.subject}",
+                received_at=now,
+                expires_at=now + self._config.queue.message_expiration,
+                client_address="",
+                client_helo=hostname,
+                recipients=[NewRecipient(sender, route(sender, self._policy()).label)],
+                content=received + body,
+            )
+        ]
+
+    async def _purge_if_due(self) -> None:
+        now = self._clock.now()
+        if now - self._last_purge < PURGE_EVERY:
+            return
+        self._last_purge = now
+        removed = await self._store.purge(before=now - self._config.queue.retention)
+        if removed:
+            log.info("purged %d finished message(s) older than the retention", removed)
+
+
+def _last_error(outcome: Outcome, now: float) -> LastError:
+    return LastError(outcome.code, outcome.reply, outcome.title, outcome.server, outcome.ip, now)
+
+
+def _unknown_in_authoritative(address: str, policy: Policy) -> bool:
+    return policy.domain_type(address) is DomainType.AUTHORITATIVE and not policy.is_mailbox(
+        address
+    )
+
+
+def _chunks(items: list[_Item], messages: int) -> list[list[_Item]]:
+    """Split a route's work into runs of at most `messages` messages, arrival order kept."""
+    chunks: list[list[_Item]] = []
+    seen: set[int] = set()
+    for item in sorted(items, key=lambda i: (i.row.message, i.row.id)):
+        if item.row.message not in seen and len(seen) >= messages:
+            chunks.append([])
+            seen = set()
+        if not chunks:
+            chunks.append([])
+        seen.add(item.row.message)
+        chunks[-1].append(item)
+    return chunks
+
+
+def _message_id(content: bytes) -> str:
+    for line in content.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"message-id:"):
+            return line.split(b":", 1)[1].strip().decode("ascii", "replace")
+    return ""
