@@ -8,12 +8,32 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
-from relay import __version__
-from relay.config import ENV_VAR, ConfigError, LoadedConfig, dump_toml, load_config
+from relay import __version__, admin
+from relay.admin import AdminError
+from relay.clock import Clock, iso
+from relay.config import (
+    ENV_VAR,
+    ConfigError,
+    DomainType,
+    LoadedConfig,
+    dump_toml,
+    load_config,
+)
 from relay.store import Status, Store, StoreError
-from relay.views import message_detail, message_json, queue_table
+from relay.units import parse_duration
+from relay.views import (
+    alerts_table,
+    connectors_table,
+    digest_table,
+    domains_table,
+    message_detail,
+    message_json,
+    queue_table,
+    short_time,
+)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")
@@ -77,6 +97,124 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("id", type=int, metavar="ID")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(run=cmd_queue_show)
+    digest = queue_commands.add_parser(
+        "digest", parents=[common], help="one row per route and last error (Get-QueueDigest)"
+    )
+    digest.add_argument("--json", action="store_true", help="machine-readable output")
+    digest.set_defaults(run=cmd_queue_digest)
+    retry = queue_commands.add_parser(
+        "retry", parents=[common], help="make queued mail due now (postqueue -f)"
+    )
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?", metavar="ID", help="one message")
+    which.add_argument("--connector", metavar="NAME", help="everything queued for a connector")
+    which.add_argument("--all", action="store_true", help="everything queued")
+    retry.add_argument("--json", action="store_true", help="machine-readable output")
+    retry.set_defaults(run=cmd_queue_retry)
+    for name, text in (
+        ("expire", "expire now and send the NDR (postsuper -e)"),
+        ("hold", "hold: neither tried nor expired until released (postsuper -h)"),
+        ("release", "release a held message (postsuper -H)"),
+        ("delete", "remove a message without an NDR (postsuper -d)"),
+    ):
+        action = queue_commands.add_parser(name, parents=[common], help=text)
+        action.add_argument("id", type=int, metavar="ID")
+        action.add_argument("--json", action="store_true", help="machine-readable output")
+        action.set_defaults(run=cmd_queue_action, action=name)
+
+    alerts = commands.add_parser(
+        "alerts", parents=[common], help="mail flow alerts per connector, with how to fix"
+    )
+    alerts.add_argument("--json", action="store_true", help="machine-readable output")
+    alerts.set_defaults(run=cmd_alerts)
+    alert_commands = alerts.add_subparsers(dest="alerts_command", metavar="ACTION")
+    fix = alert_commands.add_parser(
+        "fix-now",
+        parents=[common],
+        help="make the internal relay domains behind a connector authoritative (the seed's Fix now)",
+    )
+    fix.add_argument("connector", metavar="CONNECTOR")
+    fix.add_argument("--json", action="store_true", help="machine-readable output")
+    fix.set_defaults(run=cmd_fix_now)
+
+    domain = commands.add_parser("domain", help="accepted domains, with runtime changes")
+    domain_commands = domain.add_subparsers(dest="domain_command", metavar="ACTION", required=True)
+    dlist = domain_commands.add_parser("list", parents=[common], help="accepted domains")
+    dlist.add_argument("--json", action="store_true", help="machine-readable output")
+    dlist.set_defaults(run=cmd_domain_list)
+    dset = domain_commands.add_parser(
+        "set-type", parents=[common], help="make a domain authoritative or internal_relay"
+    )
+    dset.add_argument("domain", metavar="DOMAIN")
+    dset.add_argument(
+        "type",
+        choices=[t.value for t in DomainType],
+        metavar="TYPE",
+        help="authoritative | internal_relay",
+    )
+    dset.set_defaults(run=cmd_domain_set_type)
+    dreset = domain_commands.add_parser(
+        "reset", parents=[common], help="back to the config file's types"
+    )
+    dreset.add_argument("domain", nargs="?", metavar="DOMAIN", help="one domain (default: all)")
+    dreset.set_defaults(run=cmd_domain_reset)
+
+    connector = commands.add_parser("connector", help="outbound connectors, with runtime changes")
+    connector_commands = connector.add_subparsers(
+        dest="connector_command", metavar="ACTION", required=True
+    )
+    clist = connector_commands.add_parser("list", parents=[common], help="outbound connectors")
+    clist.add_argument("--json", action="store_true", help="machine-readable output")
+    clist.set_defaults(run=cmd_connector_list)
+    for name, enabled in (("enable", True), ("disable", False)):
+        toggle = connector_commands.add_parser(
+            name, parents=[common], help=f"{name} a connector (its mail then routes elsewhere)"
+        )
+        toggle.add_argument("name", metavar="NAME")
+        toggle.set_defaults(run=cmd_connector_toggle, enabled=enabled)
+    creset = connector_commands.add_parser(
+        "reset", parents=[common], help="back to the config file's enabled flags"
+    )
+    creset.add_argument("name", nargs="?", metavar="NAME", help="one connector (default: all)")
+    creset.set_defaults(run=cmd_connector_reset)
+
+    clock = commands.add_parser("clock", help="the lab's simulated clock")
+    clock_commands = clock.add_subparsers(dest="clock_command", metavar="ACTION", required=True)
+    cshow = clock_commands.add_parser("show", parents=[common], help="the relay's time and offset")
+    cshow.add_argument("--json", action="store_true", help="machine-readable output")
+    cshow.set_defaults(run=cmd_clock_show)
+    cadvance = clock_commands.add_parser(
+        "advance", parents=[common], help="move the relay's time forward, e.g. 48h"
+    )
+    cadvance.add_argument("duration", metavar="DURATION", help='e.g. "48h", "15m", "30s"')
+    cadvance.add_argument("--json", action="store_true", help="machine-readable output")
+    cadvance.set_defaults(run=cmd_clock_advance)
+    creset_clock = clock_commands.add_parser("reset", parents=[common], help="back to real time")
+    creset_clock.add_argument("--json", action="store_true", help="machine-readable output")
+    creset_clock.set_defaults(run=cmd_clock_reset)
+
+    lab = commands.add_parser("lab", help="the lab's built-in fault targets")
+    lab_commands = lab.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+    faults = lab_commands.add_parser(
+        "faults",
+        parents=[common],
+        help="start one SMTP endpoint per failure mode and a lab DNS server; Ctrl-C stops",
+    )
+    faults.add_argument("--host", default="127.0.0.1", help="address to listen on (an IP)")
+    faults.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="first port (default: free ports chosen by the system)",
+    )
+    faults.add_argument(
+        "--workdir",
+        metavar="DIR",
+        default=None,
+        help="where the lab CA file is written (default: <spool>/lab)",
+    )
+    faults.set_defaults(run=cmd_lab_faults)
     return parser
 
 
@@ -91,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace, LoadedConfig], int] = args.run
     try:
         return handler(args, loaded)
-    except (CommandError, StoreError) as exc:
+    except (CommandError, StoreError, AdminError) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
@@ -159,6 +297,7 @@ def _print_json(data: Any) -> None:
 def cmd_queue_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     async def run() -> int:
         store = await open_store(loaded)
+        note = ""
         if store is None:
             messages = []
         else:
@@ -167,12 +306,13 @@ def cmd_queue_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
                 messages = await store.list_messages(
                     status=status, limit=args.limit, newest=args.limit is not None
                 )
+                note = admin.clock_note(await admin.clock_for(store))
             finally:
                 await store.close()
         if args.json:
             _print_json([message_json(m) for m in messages])
         else:
-            print(queue_table(messages))
+            print(queue_table(messages, clock_note=note))
         return EXIT_OK
 
     return _run(run())
@@ -198,6 +338,258 @@ def cmd_queue_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         return EXIT_OK
 
     return _run(run())
+
+
+async def writable_store(loaded: LoadedConfig) -> Store:
+    """The queue for an action; created if the server has never run (the action waits)."""
+    return await Store.open(loaded.path(loaded.config.queue.path))
+
+
+def _with_store(
+    loaded: LoadedConfig, work: Callable[[Store], Awaitable[T]], *, write: bool = True
+) -> T | None:
+    async def run() -> T | None:
+        store = await (writable_store(loaded) if write else open_store(loaded))
+        if store is None:
+            return None
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return _run(run())
+
+
+def cmd_queue_digest(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def work(store: Store) -> tuple[list[Any], str]:
+        return await store.digest(), admin.clock_note(await admin.clock_for(store))
+
+    rows, note = _with_store(loaded, work, write=False) or ([], "")
+    if args.json:
+        _print_json([admin.digest_json(r) for r in rows])
+    else:
+        print(digest_table([admin.digest_json(r) for r in rows], clock_note=note))
+    return EXIT_OK
+
+
+def cmd_queue_retry(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    if args.connector is not None:
+        admin.connector_name(loaded, args.connector)
+
+    async def work(store: Store) -> int:
+        return await admin.retry(store, message=args.id, connector=args.connector)
+
+    count = _with_store(loaded, work) or 0
+    target = (
+        f"message {args.id}"
+        if args.id is not None
+        else (f"connector {args.connector!r}" if args.connector else "the whole queue")
+    )
+    _report(
+        args, {"action": "retry", "recipients": count}, f"{count} recipient(s) of {target} due now"
+    )
+    return EXIT_OK
+
+
+_ACTIONS = {
+    "expire": (admin.expire, "expired; the NDR follows within seconds"),
+    "hold": (admin.hold, "held"),
+    "release": (admin.release, "released and due now"),
+    "delete": (admin.delete, "deleted without an NDR"),
+}
+
+
+def cmd_queue_action(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    action, done = _ACTIONS[args.action]
+
+    async def work(store: Store) -> int:
+        return await action(store, args.id)
+
+    count = _with_store(loaded, work) or 0
+    what = "message" if args.action == "delete" else "recipient(s)"
+    _report(
+        args,
+        {"action": args.action, "id": args.id, "changed": count},
+        f"message {args.id}: {count} {what} {done}"
+        if count
+        else f"message {args.id}: nothing to {args.action} (no recipient in a state that allows it)",
+    )
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        _print_json(data)
+    else:
+        print(text)
+
+
+def cmd_alerts(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def work(store: Store) -> list[Any]:
+        return await admin.current_alerts(store, loaded)
+
+    current = _with_store(loaded, work, write=False) or []
+    if args.json:
+        _print_json([a.to_json() for a in current])
+    else:
+        print(alerts_table([a.to_json() for a in current]))
+    return EXIT_OK
+
+
+def cmd_fix_now(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def work(store: Store) -> list[str]:
+        return await admin.fix_now(store, loaded, args.connector)
+
+    changed = _with_store(loaded, work) or []
+    _report(
+        args,
+        {"connector": args.connector, "authoritative": changed},
+        "Fix now: " + ", ".join(changed) + " now authoritative; mail to addresses that do not "
+        "exist there is rejected with 550 5.4.1, and queued mail for them fails with an NDR. "
+        "Undo with `relay domain reset`.",
+    )
+    return EXIT_OK
+
+
+def cmd_domain_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def work(store: Store) -> list[Any]:
+        return await admin.domains(store, loaded)
+
+    views = _with_store(loaded, work)
+    if views is None:  # no queue yet: the config file's values are the effective ones
+        views = [
+            admin.DomainView(d.name, d.type, d.type, tuple(d.mailboxes))
+            for d in loaded.config.accepted_domains
+        ]
+    if args.json:
+        _print_json([v.to_json() for v in views])
+    else:
+        print(domains_table([v.to_json() for v in views]))
+    return EXIT_OK
+
+
+def cmd_domain_set_type(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    kind = DomainType(args.type)
+
+    async def work(store: Store) -> str:
+        return await admin.set_domain_type(store, loaded, args.domain, kind)
+
+    domain = _with_store(loaded, work)
+    print(
+        f"{domain} is now {kind.value} (the config file says otherwise until `relay domain reset`)"
+        if kind is not _config_domain_type(loaded, domain)
+        else f"{domain} is {kind.value}"
+    )
+    return EXIT_OK
+
+
+def _config_domain_type(loaded: LoadedConfig, name: str | None) -> DomainType | None:
+    return next((d.type for d in loaded.config.accepted_domains if d.name == name), None)
+
+
+def cmd_domain_reset(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def work(store: Store) -> list[str]:
+        return await admin.reset_domains(store, loaded, args.domain)
+
+    names = _with_store(loaded, work) or []
+    print("back to the config file: " + ", ".join(names))
+    return EXIT_OK
+
+
+def cmd_connector_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def work(store: Store) -> list[Any]:
+        return await admin.connectors(store, loaded)
+
+    views = _with_store(loaded, work) or []
+    if args.json:
+        _print_json([v.to_json() for v in views])
+    else:
+        print(connectors_table([v.to_json() for v in views]))
+    return EXIT_OK
+
+
+def cmd_connector_toggle(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def work(store: Store) -> str:
+        return await admin.set_connector_enabled(store, loaded, args.name, args.enabled)
+
+    name = _with_store(loaded, work)
+    print(f"connector {name!r} {'enabled' if args.enabled else 'disabled'}")
+    return EXIT_OK
+
+
+def cmd_connector_reset(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def work(store: Store) -> list[str]:
+        return await admin.reset_connectors(store, loaded, args.name)
+
+    names = _with_store(loaded, work) or []
+    print("back to the config file: " + ", ".join(repr(n) for n in names))
+    return EXIT_OK
+
+
+def _clock_json(clock: Any) -> dict[str, Any]:
+    import time
+
+    return {
+        "now": iso(clock.now()),
+        "real_now": iso(time.time()),
+        "offset_seconds": clock.offset,
+    }
+
+
+def _print_clock(args: argparse.Namespace, clock: Any) -> None:
+    if args.json:
+        _print_json(_clock_json(clock))
+    else:
+        print(f"relay time: {short_time(clock.now())} UTC")
+        print(admin.clock_note(clock) or "the lab clock is not offset (real time)")
+
+
+def cmd_clock_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    clock = _with_store(loaded, admin.clock_for, write=False)
+    _print_clock(args, clock if clock is not None else Clock())
+    return EXIT_OK
+
+
+def cmd_clock_advance(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    try:
+        seconds = parse_duration(args.duration)
+    except ValueError as exc:
+        print(f"relay: clock advance: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def work(store: Store) -> Any:
+        return await admin.advance_clock(store, seconds)
+
+    _print_clock(args, _with_store(loaded, work))
+    return EXIT_OK
+
+
+def cmd_clock_reset(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    _print_clock(args, _with_store(loaded, admin.reset_clock))
+    return EXIT_OK
+
+
+def cmd_lab_faults(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from relay.lab.faults import run_lab_forever
+
+    workdir = (
+        Path(args.workdir) if args.workdir else loaded.path(loaded.config.queue.path).parent / "lab"
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(
+            run_lab_forever(
+                host=args.host, base_port=args.base_port, workdir=workdir, out=sys.stdout
+            )
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot start the lab: {exc}; choose another --base-port") from None
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
 
 
 def entry() -> None:

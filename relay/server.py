@@ -14,19 +14,22 @@ import signal
 from pathlib import Path
 from typing import IO
 
+from relay import alerts
 from relay.clock import Clock
 from relay.config import LoadedConfig
 from relay.delivery import Agent
 from relay.intake import IntakeHandler, IntakeServer, start_intake, tls_context
 from relay.policy import Policy
 from relay.resolve import Resolver
-from relay.store import Store, StoreError
-from relay.worker import Worker
+from relay.routing import route
+from relay.store import NewMessage, NewRecipient, Store, StoreError
+from relay.worker import Worker, message_id_of
 
 log = logging.getLogger("relay.server")
 
 CLOCK_OFFSET_KEY = "clock.offset"
 WATCH_INTERVAL = 1.0  # the CLI's changes reach a running server within about a second
+ALERT_INTERVAL = 2.0
 
 
 class AlreadyRunning(Exception):
@@ -56,6 +59,7 @@ class Relay:
         self._lock: IO[bytes] | None = None
         self.worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
+        self._alerter: asyncio.Task[None] | None = None
 
     @property
     def db_path(self) -> Path:
@@ -127,6 +131,7 @@ class Relay:
         if run_worker:
             self._worker_task = asyncio.create_task(self.worker.run())
         self._watcher = asyncio.create_task(self._watch())
+        self._alerter = asyncio.create_task(self._alert_loop())
         log.info("listening on %s, queue %s", smtp.listen, self.db_path)
 
     async def _watch(self) -> None:
@@ -150,11 +155,64 @@ class Relay:
         if self.worker is not None:
             self.worker.wake()  # a retry, hold or expiry request may make something due
 
+    async def _alert_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ALERT_INTERVAL)
+            try:
+                await self.check_alerts()
+            except StoreError as exc:
+                log.warning("could not check the alerts: %s", exc)
+
+    async def check_alerts(self) -> int:
+        """Send "Messages have been delayed" once per episode; returns how many were sent."""
+        assert self.store is not None
+        store, now = self.store, self.clock.now()
+        notified = await store.settings(alerts.NOTIFIED_KEY)
+        current = alerts.alerts(await store.digest(), self.policy, notified)
+        for key in set(notified) - {alerts.NOTIFIED_KEY + a.connector for a in current}:
+            await store.set_setting(key, None)  # the episode is over
+        settings = self.config.alerts
+        due = alerts.due_notifications(current, settings, now) if settings.notify else []
+        for alert in due:
+            content = alerts.build_notification(
+                alert,
+                to=settings.notify,
+                postmaster=f"postmaster@{self.config.default_domain}",
+                hostname=self.config.smtp.hostname,
+                now=now,
+            )
+            await store.enqueue(
+                NewMessage(
+                    id=store.reserve_id(),
+                    message_id=message_id_of(content),
+                    mail_from="",
+                    subject=f"Messages have been delayed: {alert.connector}",
+                    received_at=now,
+                    expires_at=now + self.config.queue.message_expiration,
+                    client_address="",
+                    client_helo=self.config.smtp.hostname,
+                    recipients=[
+                        NewRecipient(a, route(a, self.policy).label) for a in settings.notify
+                    ],
+                    content=content,
+                )
+            )
+            await store.set_setting(alerts.NOTIFIED_KEY + alert.connector, repr(now))
+            log.warning(
+                "alert: %s %s on %r, notified %s",
+                alert.code,
+                alert.title,
+                alert.connector,
+                ", ".join(settings.notify),
+            )
+        return len(due)
+
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._alerter):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._server is not None:
             await self._server.close()
         if self._worker_task is not None:

@@ -184,6 +184,20 @@ class MessageRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DigestRow:
+    connector: str
+    code: str | None
+    messages: int
+    recipients: int
+    held: int
+    deferred: int
+    queue_started_at: float
+    next_retry_at: float | None
+    oldest_expires_at: float
+    last_error: LastError | None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What one delivery attempt did to one recipient, ready to be written."""
 
@@ -477,6 +491,104 @@ class Store:
         async with self._conn.execute(sql, params) as cur:
             return [tuple(row) for row in await cur.fetchall()]
 
+    # ---- queue actions (relay queue retry/hold/release/expire/delete) ----------------
+
+    async def message_exists(self, message_id: int) -> bool:
+        async with self._conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)) as cur:
+            return await cur.fetchone() is not None
+
+    async def retry(
+        self, *, now: float, message: int | None = None, connector: str | None = None
+    ) -> int:
+        """Pending recipients due now (postqueue -f, Retry-Queue); all of them without filters."""
+        sql = "UPDATE recipients SET next_attempt_at = ? WHERE status IN ('queued', 'deferred')"
+        params: list[Any] = [now]
+        if message is not None:
+            sql += " AND message = ?"
+            params.append(message)
+        if connector is not None:
+            sql += " AND connector = ?"
+            params.append(connector)
+        return await self.execute_write(sql, params)
+
+    async def retry_domains(self, domains: Sequence[str], *, now: float) -> int:
+        """Pending recipients in these domains due now (after Fix now changed their fate)."""
+        total = 0
+        for domain in domains:
+            total += await self.execute_write(
+                "UPDATE recipients SET next_attempt_at = ? WHERE status IN ('queued', 'deferred') "
+                "AND lower(address) LIKE ? ESCAPE '\\'",
+                (now, "%@" + domain.replace("%", "\\%").replace("_", "\\_")),
+            )
+        return total
+
+    async def hold(self, message: int) -> int:
+        """Postfix's hold queue: neither tried nor expired until released."""
+        return await self.execute_write(
+            "UPDATE recipients SET status = 'held', next_attempt_at = NULL "
+            "WHERE message = ? AND status IN ('queued', 'deferred')",
+            (message,),
+        )
+
+    async def release(self, message: int, *, now: float) -> int:
+        return await self.execute_write(
+            "UPDATE recipients SET status = CASE WHEN attempts > 0 THEN 'deferred' "
+            "ELSE 'queued' END, next_attempt_at = ? WHERE message = ? AND status = 'held'",
+            (now, message),
+        )
+
+    async def expire(self, message: int, *, now: float) -> int:
+        """Expire now (postsuper -e, exim -Mg): the worker turns it into the NDR at once."""
+        return await self.execute_write(
+            "UPDATE recipients SET status = CASE WHEN status = 'held' THEN "
+            "(CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END) ELSE status END, "
+            "expires_at = ?, next_attempt_at = ? "
+            "WHERE message = ? AND status IN ('queued', 'deferred', 'held')",
+            (now, now, message),
+        )
+
+    async def delete(self, message: int) -> int:
+        """Remove a message and its recipients without an NDR (postsuper -d)."""
+        return await self.execute_write("DELETE FROM messages WHERE id = ?", (message,))
+
+    # ---- views: digest and alerts ---------------------------------------------------
+
+    async def digest(self) -> list[DigestRow]:
+        """Pending recipients grouped by route and last error code (Get-QueueDigest)."""
+        sql = """
+            SELECT r.connector,
+                   json_extract(r.last_error, '$.code') AS code,
+                   count(DISTINCT r.message),
+                   count(*),
+                   sum(r.status = 'held'),
+                   sum(r.status = 'deferred'),
+                   min(m.received_at),
+                   min(r.next_attempt_at),
+                   min(r.expires_at),
+                   max(coalesce(json_extract(r.last_error, '$.at'), 0)),
+                   r.last_error
+            FROM recipients r JOIN messages m ON m.id = r.message
+            WHERE r.status IN ('queued', 'deferred', 'held')
+            GROUP BY r.connector, code
+            ORDER BY min(m.received_at)
+        """
+        async with self._conn.execute(sql) as cur:
+            return [
+                DigestRow(
+                    connector=row[0],
+                    code=row[1],
+                    messages=row[2],
+                    recipients=row[3],
+                    held=row[4] or 0,
+                    deferred=row[5] or 0,
+                    queue_started_at=row[6],
+                    next_retry_at=row[7],
+                    oldest_expires_at=row[8],
+                    last_error=LastError.from_json(row[10]),
+                )
+                for row in await cur.fetchall()
+            ]
+
     # ---- settings (clock offset, runtime changes) ----------------------------------
 
     async def get_setting(self, key: str) -> str | None:
@@ -556,9 +668,13 @@ async def _write_outcomes(conn: aiosqlite.Connection, outcomes: Sequence[Outcome
             e = o.error
             history.append((o.recipient, e.at, e.code, e.reply, e.server, e.ip))
     await conn.executemany(
+        # Only rows still pending: a recipient held, expired or deleted from the CLI while its
+        # attempt was in flight keeps what the CLI made of it. Never later than its expiry,
+        # which the CLI may have moved (relay queue expire).
         "UPDATE recipients SET status = ?, connector = ?, attempts = attempts + ?, "
-        "next_attempt_at = ?, delivered_at = coalesce(?, delivered_at), finished_at = ?, "
-        "last_error = coalesce(?, last_error) WHERE id = ?",
+        "next_attempt_at = min(?, expires_at), delivered_at = coalesce(?, delivered_at), "
+        "finished_at = ?, last_error = coalesce(?, last_error) "
+        "WHERE id = ? AND status IN ('queued', 'deferred')",
         rows,
     )
     if history:

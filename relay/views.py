@@ -143,3 +143,93 @@ def message_detail(message: MessageRow) -> str:
             lines.append("  History:")
             lines += [f"    {iso(a.at)}  {a.reply}" for a in r.history]
     return "\n".join(lines)
+
+
+def _time(text: str | None) -> str:
+    return text.replace("T", " ").removesuffix("Z")[5:16] if text else "-"
+
+
+def digest_table(rows: list[dict[str, Any]], *, clock_note: str = "") -> str:
+    """`relay queue digest`: one line per route and last error, then that error in full."""
+    lines = [
+        f"{'ROUTE':<18} {'STATUS':<9} {'MSGS':>5} {'CODE':<8} {'STARTED':<11} "
+        f"{'NEXT RETRY':<11} {'EXPIRES':<11} LAST IP"
+    ]
+    for row in rows:
+        lines.append(
+            f"{clip(row['connector'] or '-', 18):<18} {row['status']:<9} {row['messages']:>5} "
+            f"{row['code'] or '-':<8} {_time(row['queue_started_at']):<11} "
+            f"{_time(row['next_retry_at']):<11} {_time(row['oldest_expires_at']):<11} "
+            + clip(row["ip"] or "-", WIDTH - 80)
+        )
+        if row["last_error"]:
+            lines.append("    " + clip(row["last_error"], WIDTH - 4))
+    if not rows:
+        lines.append("(the queue holds nothing pending)")
+    lines.append("-- times are UTC (MM-DD HH:MM)")
+    if clock_note:
+        lines.append(f"-- {clock_note}")
+    return "\n".join(lines)
+
+
+def alerts_table(alerts: list[dict[str, Any]]) -> str:
+    if not alerts:
+        return "No mail flow alerts: no connector has mail deferred with a mail flow code."
+    blocks = []
+    for a in alerts:
+        command = f'relay alerts fix-now "{a["connector"]}"'
+        fix = [f"  Fix now available:  {command}"] if a["fix_now"] else []
+        blocks.append(
+            "\n".join(
+                [
+                    clip(f"{a['connector']}: {a['code']} {a['title']}", WIDTH),
+                    *fix,
+                    f"  Queued messages:    {a['queued']}",
+                    f"  Queue started:      {a['queue_started_at']}",
+                    f"  Oldest expires:     {a['oldest_expires_at']}",
+                    f"  Destination server: {a['server'] or '-'}",
+                    f"  Last IP address:    {a['ip'] or '-'}",
+                    "  Last error:         " + clip(a["last_error"], WIDTH - 22),
+                    f"  Notified:           {a['notified_at'] or 'not yet'}",
+                    "  How to fix:",
+                    *_wrap(a["how_to_fix"], indent=4),
+                ]
+            )
+        )
+    return "\n\n".join(blocks)
+
+
+def _wrap(text: str, *, indent: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(
+        text, WIDTH - indent, initial_indent=" " * indent, subsequent_indent=" " * indent
+    )
+
+
+def domains_table(domains: list[dict[str, Any]]) -> str:
+    lines = [f"{'DOMAIN':<32} {'TYPE':<15} {'CONFIG FILE':<15} MAILBOXES"]
+    for d in domains:
+        changed = " *" if d["changed"] else ""
+        lines.append(
+            f"{clip(d['name'], 32):<32} {d['type'] + changed:<15} {d['config_type']:<15} "
+            + clip(", ".join(d["mailboxes"]) or "-", WIDTH - 65)
+        )
+    if any(d["changed"] for d in domains):
+        lines.append("-- * changed at run time; `relay domain reset` returns to the config file")
+    return "\n".join(lines)
+
+
+def connectors_table(connectors: list[dict[str, Any]]) -> str:
+    lines = [f"{'CONNECTOR':<24} {'TYPE':<11} {'ENABLED':<8} {'CONFIG':<7} {'TLS':<22} DESTINATION"]
+    for c in connectors:
+        enabled = ("yes" if c["enabled"] else "no") + (" *" if c["changed"] else "")
+        lines.append(
+            f"{clip(c['name'], 24):<24} {c['type']:<11} {enabled:<8} "
+            f"{'yes' if c['config_enabled'] else 'no':<7} {c['tls']:<22} "
+            + clip(c["destination"], WIDTH - 76)
+        )
+        lines.append("    for " + clip(", ".join(c["recipient_domains"]), WIDTH - 8))
+    if any(c["changed"] for c in connectors):
+        lines.append("-- * changed at run time; `relay connector reset` returns to the config file")
+    return "\n".join(lines)

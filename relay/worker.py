@@ -332,7 +332,7 @@ class Worker:
         return [
             NewMessage(
                 id=queue_id,
-                message_id=_message_id(body),
+                message_id=message_id_of(body),
                 mail_from="",
                 subject=f"Undeliverable: {message.subject}",
                 received_at=now,
@@ -379,7 +379,8 @@ def _chunks(items: list[_Item], messages: int) -> list[list[_Item]]:
     return chunks
 
 
-def _message_id(content: bytes) -> str:
+def message_id_of(content: bytes) -> str:
+    """The Message-ID header of a message we built ("" when it has none)."""
     for line in content.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
         if line.lower().startswith(b"message-id:"):
             return line.split(b":", 1)[1].strip().decode("ascii", "replace")
