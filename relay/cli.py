@@ -214,6 +214,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where the lab CA file is written (default: <spool>/lab)",
     )
+    faults.add_argument(
+        "--write-config",
+        metavar="PATH",
+        help="also write a complete relay config that uses these targets (see README)",
+    )
     faults.set_defaults(run=cmd_lab_faults)
     return parser
 
@@ -570,17 +575,30 @@ def cmd_clock_reset(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_lab_faults(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from relay.lab.faults import run_lab_forever
+    from relay.lab.config import lab_config
+    from relay.lab.faults import FaultLab, run_lab_forever
 
     workdir = (
         Path(args.workdir) if args.workdir else loaded.path(loaded.config.queue.path).parent / "lab"
     )
     workdir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def write_config(lab: FaultLab) -> None:
+        if args.write_config:
+            Path(args.write_config).write_text(lab_config(loaded.config, lab), encoding="utf-8")
+            print(
+                f"# wrote {args.write_config}: relay --config {args.write_config} serve", flush=True
+            )
+
     try:
         asyncio.run(
             run_lab_forever(
-                host=args.host, base_port=args.base_port, workdir=workdir, out=sys.stdout
+                host=args.host,
+                base_port=args.base_port,
+                workdir=workdir,
+                out=sys.stdout,
+                on_ready=write_config,
             )
         )
     except ValueError as exc:

@@ -341,7 +341,33 @@ def parse_config(text: str, *, source: str, base_dir: Path) -> LoadedConfig:
     problems = list(_cross_check(loaded))
     if problems:
         raise ConfigError(source, problems)
-    return loaded
+    return LoadedConfig(config=_absolute_paths(config, base_dir), source=source, base_dir=base_dir)
+
+
+def _absolute_paths(config: Config, base_dir: Path) -> Config:
+    """Every file path resolved against the config file's directory, once, here."""
+
+    def absolute(value: str) -> str:
+        return str((base_dir / value).resolve()) if value else value
+
+    smtp = config.smtp.model_copy(
+        update={
+            "tls_certificate": absolute(config.smtp.tls_certificate),
+            "tls_key": absolute(config.smtp.tls_key),
+        }
+    )
+    return config.model_copy(
+        update={
+            "smtp": smtp,
+            "queue": config.queue.model_copy(update={"path": absolute(config.queue.path)}),
+            "mailboxes": config.mailboxes.model_copy(
+                update={"path": absolute(config.mailboxes.path)}
+            ),
+            "connectors": [
+                c.model_copy(update={"ca_file": absolute(c.ca_file)}) for c in config.connectors
+            ],
+        }
+    )
 
 
 def _key(loc: tuple[int | str, ...]) -> str:

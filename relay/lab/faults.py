@@ -15,6 +15,7 @@ import socket
 import ssl
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -566,11 +567,20 @@ async def start_lab(
 
 
 async def run_lab_forever(
-    *, host: str = "127.0.0.1", base_port: int | None = None, workdir: Path, out: TextIO
+    *,
+    host: str = "127.0.0.1",
+    base_port: int | None = None,
+    workdir: Path,
+    out: TextIO,
+    on_ready: Callable[[FaultLab], None] | None = None,
 ) -> None:
-    """Start the lab, print its config and endpoints, and serve until cancelled (Ctrl-C)."""
+    """Start the lab, print its config and endpoints, and serve until cancelled (Ctrl-C).
+
+    `on_ready` runs once everything listens (the CLI writes a relay config there)."""
     lab = await start_lab(host=host, base_port=base_port, workdir=workdir)
     try:
+        if on_ready is not None:
+            on_ready(lab)
         out.write(lab.connector_blocks())
         out.write("\n# endpoints\n")
         for line in lab.summary():
