@@ -132,10 +132,12 @@ class Worker:
         unknown: list[RecipientRow] = []
         groups: dict[str, list[_Item]] = defaultdict(list)
         for row in rows:
-            if now >= row.expires_at:
-                expired.append(row)
-            elif _unknown_in_authoritative(row.address, policy):
+            # Fix now first: a recipient that does not exist fails as not found, even when
+            # the clock has also moved past its expiry.
+            if _unknown_in_authoritative(row.address, policy):
                 unknown.append(row)
+            elif now >= row.expires_at:
+                expired.append(row)
             else:
                 item = _Item(row, route(row.address, policy))
                 groups[item.route.key].append(item)
