@@ -249,7 +249,7 @@ def _run(coro: Awaitable[T]) -> T:
 
 
 def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from relay.server import AlreadyRunning, serve
+    from relay.server import StartupError, serve
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -260,7 +260,7 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command log
     try:
         asyncio.run(serve(loaded))
-    except AlreadyRunning as exc:
+    except StartupError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.header import decode_header, make_header
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 from email.utils import format_datetime, make_msgid
 from typing import Any, AnyStr
@@ -81,6 +81,12 @@ class RelaySMTP(SMTP):
         finally:
             self._replying_to_ehlo = False
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd takes "<user@host" (no closing bracket) as an address; RFC 5321 does not.
+        if arg.lstrip().startswith("<") and ">" not in arg:
+            return None, None
+        return super()._getaddr(arg)
+
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
             status = _REWRITES.get(status, status)
@@ -137,7 +143,11 @@ class IntakeHandler:
     ) -> str:
         if self._require_tls and session.ssl is None:
             return TLS_FIRST
-        envelope.mail_from = "" if address == "<>" else address
+        if address != "<>" and "@" not in address:
+            return "501 5.1.7 Invalid address"
+        # aiosmtpd reads an empty sender as "no MAIL yet"; the null sender stays "<>" here
+        # and becomes "" when the message is queued.
+        envelope.mail_from = address
         envelope.mail_options.extend(options)
         return MAIL_OK
 
@@ -168,7 +178,7 @@ class IntakeHandler:
         message = NewMessage(
             id=queue_id,
             message_id=message_id,
-            mail_from=envelope.mail_from or "",
+            mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             subject=subject,
             received_at=now,
             expires_at=now + self._expiration,
@@ -189,7 +199,8 @@ class IntakeHandler:
             len(message.recipients),
             len(message.content),
         )
-        return f"250 2.6.0 {message_id} [InternalId={queue_id}] Queued mail for delivery"
+        bracketed = f"<{message_id.strip().strip('<>')}>"
+        return f"250 2.6.0 {bracketed} [InternalId={queue_id}] Queued mail for delivery"
 
 
 def rfc5322_date(timestamp: float) -> str:
@@ -209,7 +220,8 @@ def _complete_headers(raw: bytes, *, now: float, hostname: str) -> tuple[bytes, 
     and the decoded subject."""
     end = raw.find(b"\r\n\r\n")
     head = raw if end < 0 else raw[: end + 2]
-    parsed = BytesHeaderParser(policy=compat32).parsebytes(head)
+    # RFC 6532 allows raw UTF-8 in headers (SMTPUTF8); decode it as such, not as Latin-1.
+    parsed = HeaderParser(policy=compat32).parsestr(head.decode("utf-8", errors="replace"))
     added = b""
     message_id = str(parsed.get("Message-ID", "")).strip()
     if not message_id:

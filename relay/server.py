@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import signal
+import ssl
 import time
 from pathlib import Path
 from typing import IO
@@ -33,7 +34,11 @@ WATCH_INTERVAL = 1.0  # the CLI's changes reach a running server within about a 
 ALERT_INTERVAL = 2.0
 
 
-class AlreadyRunning(Exception):
+class StartupError(Exception):
+    """The relay cannot start; the message says what to change."""
+
+
+class AlreadyRunning(StartupError):
     pass
 
 
@@ -95,9 +100,14 @@ class Relay:
         smtp = self.config.smtp
         tls = None
         if smtp.tls_certificate:
-            tls = tls_context(
-                str(self.loaded.path(smtp.tls_certificate)), str(self.loaded.path(smtp.tls_key))
-            )
+            try:
+                tls = tls_context(smtp.tls_certificate, smtp.tls_key)
+            except (ssl.SSLError, OSError) as exc:
+                raise StartupError(
+                    f"smtp.tls_certificate = {smtp.tls_certificate!r} / smtp.tls_key = "
+                    f"{smtp.tls_key!r}: cannot load them ({exc}); give a PEM certificate "
+                    "chain and its private key"
+                ) from None
         handler = IntakeHandler(
             store=store,
             clock=self.clock,
@@ -240,7 +250,11 @@ async def serve(loaded: LoadedConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await relay.start()
+    try:
+        await relay.start()
+    except BaseException:
+        await relay.stop()  # close the store, or its thread keeps the process alive
+        raise
     print(
         f"relay: listening on {loaded.config.smtp.listen} as {loaded.config.smtp.hostname}; "
         f"queue {relay.db_path}; config {loaded.source}",
