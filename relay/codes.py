@@ -181,6 +181,18 @@ QUEUE_EXPIRED_REPLY = "550 4.4.7 QUEUE.Expired; message expired"
 _REPLY = re.compile(r"^\s*([2-5])\d\d(?:[ -]|$)(?:\s*([245]\.\d{1,3}\.\d{1,3})(?!\S))?")
 
 
+def final_line(led_line: str) -> str:
+    """The reply an NDR quotes: an LED line without its [Message=…] / [LastAttempted…] parts.
+
+    "550 5.1.1 User unknown [LastAttemptedServerName=x] [LastAttemptedIP=1.2.3.4:25]" →
+    "550 5.1.1 User unknown"; a line without them is returned as it is.
+    """
+    return _LED_PARTS.sub("", led_line).rstrip()
+
+
+_LED_PARTS = re.compile(r"(?:\s+\[(?:Message|LastAttemptedServerName|LastAttemptedIP)=.*?\])+\s*$")
+
+
 def lookup(code: str) -> MailFlowCode | None:
     """Return the mail flow code for ``"4.4.316"``, or None for any other code."""
     return CODES.get(code.strip())

@@ -432,19 +432,19 @@ class Session:
             ) from None
 
     async def _envelope(self, parcel: Parcel, options: list[str]) -> list[aiosmtplib.SMTPResponse]:
-        """MAIL and the RCPTs, in one write when the server offers PIPELINING (RFC 2920)."""
+        """MAIL, then one RCPT per recipient.
+
+        One command at a time: aiosmtplib's protocol pairs each reply with the command that
+        awaits it and drops replies nobody waits for yet, so RFC 2920 pipelining would need
+        a protocol of our own. On a lab's LAN the round trips cost little.
+        """
         smtp = self.smtp
         mail = f"MAIL FROM:<{parcel.mail_from}>" + "".join(f" {o}" for o in options)
-        commands = [mail] + [f"RCPT TO:<{address}>" for _, address in parcel.recipients]
-        if smtp.supports_extension("pipelining") and smtp.protocol is not None:
-            protocol = smtp.protocol
-            protocol.write("".join(c + "\r\n" for c in commands).encode("utf-8"))
-            return [await protocol.read_response(timeout=COMMAND_TIMEOUT) for _ in commands]
-        replies = [await smtp.execute_command(commands[0].encode("utf-8"))]
+        replies = [await smtp.execute_command(mail.encode("utf-8"))]
         if replies[0].code != 250:
             return replies
-        for command in commands[1:]:
-            replies.append(await smtp.execute_command(command.encode("utf-8")))
+        for _, address in parcel.recipients:
+            replies.append(await smtp.execute_command(f"RCPT TO:<{address}>".encode()))
         return replies
 
     async def _reset(self) -> None:

@@ -88,6 +88,13 @@ MIGRATIONS: tuple[str, ...] = (
         value           TEXT NOT NULL
     );
     """,
+    # 2: an NDR owed. A failure and its flag are written together; the bounce step sends one
+    # NDR per message and clears the flags in the transaction that queues it, so a crash in
+    # between neither loses the NDR nor sends it twice.
+    """
+    ALTER TABLE recipients ADD COLUMN ndr_due INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX recipients_ndr_due ON recipients(message) WHERE ndr_due = 1;
+    """,
 )
 
 
@@ -167,6 +174,7 @@ class RecipientRow:
     expires_at: float
     delivered_at: float | None
     last_error: LastError | None
+    ndr_due: bool = False
     history: list[Attempt] = field(default_factory=list)
 
 
@@ -212,7 +220,7 @@ class Outcome:
 
 _RECIPIENT_COLUMNS = (
     "id, message, address, status, connector, attempts, next_attempt_at, expires_at, "
-    "delivered_at, last_error"
+    "delivered_at, last_error, ndr_due"
 )
 _MESSAGE_COLUMNS = (
     "id, message_id, mail_from, subject, size, received_at, client_address, client_helo"
@@ -231,6 +239,7 @@ def _recipient(row: sqlite3.Row | tuple[Any, ...]) -> RecipientRow:
         expires_at=row[7],
         delivered_at=row[8],
         last_error=LastError.from_json(row[9]),
+        ndr_due=bool(row[10]),
     )
 
 
@@ -350,13 +359,32 @@ class Store:
         """Queue a message; returns its id once it is committed to disk."""
         return await self._write(lambda conn: _insert_message(conn, message))  # type: ignore[no-any-return]
 
-    async def record(self, outcomes: Sequence[Outcome], ndrs: Sequence[NewMessage] = ()) -> None:
-        """Write attempt results and the NDRs they cause in one transaction."""
+    async def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Write attempt results (failures carry their NDR-owed flag)."""
+        await self._write(lambda conn: _write_outcomes(conn, outcomes))
+
+    async def bounces_due(self, *, exclude_messages: Iterable[int], limit: int = 200) -> list[int]:
+        """Messages with recipients owed an NDR, none of them still being worked on."""
+        sql = (
+            "SELECT DISTINCT message FROM recipients WHERE ndr_due = 1 "
+            "AND message NOT IN (SELECT value FROM json_each(?)) ORDER BY message LIMIT ?"
+        )
+        async with self._conn.execute(sql, (json.dumps(list(exclude_messages)), limit)) as cur:
+            return [int(r[0]) for r in await cur.fetchall()]
+
+    async def send_bounce(
+        self, message: int, recipients: Sequence[int], ndr: NewMessage | None
+    ) -> None:
+        """Queue a message's NDR (None: nothing to send, e.g. a null sender) and clear the flags."""
 
         async def op(conn: aiosqlite.Connection) -> None:
-            await _write_outcomes(conn, outcomes)
-            for ndr in ndrs:
+            if ndr is not None:
                 await _insert_message(conn, ndr)
+            await conn.execute(
+                "UPDATE recipients SET ndr_due = 0 WHERE message = ? AND id IN "
+                "(SELECT value FROM json_each(?))",
+                (message, json.dumps(list(recipients))),
+            )
 
         await self._write(op)
 
@@ -661,6 +689,7 @@ async def _write_outcomes(conn: aiosqlite.Connection, outcomes: Sequence[Outcome
                 o.at if o.status is Status.DELIVERED else None,
                 o.at if final else None,
                 o.error.to_json() if o.error else None,
+                1 if o.status in FAILED_FINAL else 0,
                 o.recipient,
             )
         )
@@ -673,7 +702,7 @@ async def _write_outcomes(conn: aiosqlite.Connection, outcomes: Sequence[Outcome
         # which the CLI may have moved (relay queue expire).
         "UPDATE recipients SET status = ?, connector = ?, attempts = attempts + ?, "
         "next_attempt_at = min(?, expires_at), delivered_at = coalesce(?, delivered_at), "
-        "finished_at = ?, last_error = coalesce(?, last_error) "
+        "finished_at = ?, last_error = coalesce(?, last_error), ndr_due = ? "
         "WHERE id = ? AND status IN ('queued', 'deferred')",
         rows,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,15 @@ from relay.intake import rfc5322_date
 from relay.policy import Policy
 from relay.retry import next_attempt_at
 from relay.routing import Route, RouteKind, route
-from relay.store import LastError, NewMessage, NewRecipient, RecipientRow, Status, Store
+from relay.store import (
+    LastError,
+    MessageRow,
+    NewMessage,
+    NewRecipient,
+    RecipientRow,
+    Status,
+    Store,
+)
 from relay.store import Outcome as Result
 
 log = logging.getLogger("relay.worker")
@@ -70,6 +78,7 @@ class Worker:
         self._mailboxes = mailboxes
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
+        self._messages_in_flight: Counter[int] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._limits: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(CONNECTIONS_PER_ROUTE)
@@ -89,6 +98,7 @@ class Worker:
             self._wake.clear()
             try:
                 await self._dispatch()
+                await self._bounce()
                 await self._purge_if_due()
                 delay = await self._sleep_time()
             except Exception:  # keep the relay alive; the next wake-up tries again
@@ -103,7 +113,10 @@ class Worker:
         while True:
             await self._dispatch()
             if not self._tasks:
-                return
+                await self._bounce()
+                if not await self._store.due(now=self._clock.now(), limit=1):
+                    return
+                continue
             await asyncio.gather(*list(self._tasks))
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -151,7 +164,9 @@ class Worker:
 
     def _spawn(self, work: Awaitable[None], rows: Sequence[RecipientRow]) -> None:
         ids = [r.id for r in rows]
+        messages = Counter(r.message for r in rows)
         self._in_flight.update(ids)
+        self._messages_in_flight.update(messages)
 
         async def run() -> None:
             try:
@@ -160,6 +175,8 @@ class Worker:
                 log.exception("a delivery task failed; its recipients stay due")
             finally:
                 self._in_flight.difference_update(ids)
+                self._messages_in_flight.subtract(messages)
+                self._messages_in_flight += Counter()  # drop the zeros
                 self.wake()
 
         task = asyncio.create_task(run())
@@ -219,7 +236,6 @@ class Worker:
     ) -> None:
         now = self._clock.now()
         written: list[Result] = []
-        failed: list[tuple[RecipientRow, str, LastError]] = []
         delivered = 0
         for rid, event in results.items():
             row = rows[rid]
@@ -231,7 +247,6 @@ class Worker:
             error = _last_error(outcome, now)
             if outcome.permanent:
                 written.append(Result(rid, Status.FAILED, now, the_route.label, error=error))
-                failed.append((row, outcome.final_reply or outcome.reply, error))
                 continue
             next_at = next_attempt_at(
                 attempts=row.attempts + 1,
@@ -244,7 +259,7 @@ class Worker:
                     rid, Status.DEFERRED, now, the_route.label, next_attempt_at=next_at, error=error
                 )
             )
-        await self._store.record(written, await self._ndrs(parcel.message, failed, now))
+        await self._store.record(written)
         if the_route.kind is RouteKind.CONNECTOR:
             await self._note_connector(the_route.label, delivered > 0, now)
         if delivered:
@@ -265,7 +280,6 @@ class Worker:
 
     async def _give_up(self, rows: list[RecipientRow], now: float, *, reply: str | None) -> None:
         """Expire (reply None: the 550 follows the last mail flow code) or fail recipients."""
-        by_message: dict[int, list[tuple[RecipientRow, str, LastError]]] = defaultdict(list)
         written: list[Result] = []
         for row in rows:
             last = row.last_error
@@ -285,31 +299,40 @@ class Worker:
             written.append(
                 Result(row.id, status, now, row.connector, error=error, counts_attempt=False)
             )
-            by_message[row.message].append((row, line, error))
-        ndrs: list[NewMessage] = []
-        for message, failed in sorted(by_message.items()):
-            ndrs += await self._ndrs(message, failed, now)
-        await self._store.record(written, ndrs)
+        await self._store.record(written)
 
-    async def _ndrs(
-        self, message_id: int, failed: list[tuple[RecipientRow, str, LastError]], now: float
-    ) -> list[NewMessage]:
-        """The NDR for the recipients of one message that failed in this pass (none for <>)."""
-        if not failed:
-            return []
-        message = await self._store.get_message(message_id, history=True)
-        if message is None or not message.mail_from:
-            return []
-        histories = {r.id: r.history for r in message.recipients}
+    # ---- bounces ------------------------------------------------------------------------
+
+    async def _bounce(self) -> None:
+        """One NDR per message for the recipients that failed, once none is still in flight
+        (so recipients failing on several routes in one pass share one NDR)."""
+        busy = {message for message, count in self._messages_in_flight.items() if count}
+        for message_id in await self._store.bounces_due(exclude_messages=busy):
+            message = await self._store.get_message(message_id, history=True)
+            if message is None:
+                continue
+            failed = [r for r in message.recipients if r.ndr_due]
+            bounce = await self._ndr(message, failed) if message.mail_from else None
+            await self._store.send_bounce(message_id, [r.id for r in failed], bounce)
+
+    async def _ndr(self, message: MessageRow, failed: list[RecipientRow]) -> NewMessage | None:
+        """The NDR for these recipients of a message (None for the null sender)."""
+        now = self._clock.now()
         recipients = []
-        for row, line, error in failed:
-            history = [(to_datetime(a.at), a.reply) for a in histories.get(row.id, [])]
-            if not line.startswith("550 5.4.3") and error.reply != line:
-                history.append((to_datetime(error.at), error.reply))
+        for row in failed:
+            error = row.last_error
+            line = codes.final_line(error.reply) if error else codes.QUEUE_EXPIRED_REPLY
+            # The give-up line itself (an expiry, Fix now) is the verdict, not an attempt.
+            history = [(to_datetime(a.at), a.reply) for a in row.history if a.reply != line]
             recipients.append(
-                ndr.FailedRecipient(row.address, line, error.server, tuple(history[-NDR_HISTORY:]))
+                ndr.FailedRecipient(
+                    row.address,
+                    line,
+                    error.server if error else None,
+                    tuple(history[-NDR_HISTORY:]),
+                )
             )
-        content = await self._store.content(message_id)
+        content = await self._store.content(message.id)
         headers = content.split(b"\r\n\r\n", 1)[0] + b"\r\n"
         bounce = ndr.Bounce(
             original_headers=headers,
@@ -324,27 +347,25 @@ class Worker:
             bounce, reporting_mta=hostname, postmaster=postmaster, now=to_datetime(now)
         )
         if body is None:
-            return []
+            return None
         queue_id = self._store.reserve_id()
         received = (
             f"Received: from localhost by {hostname} (NDR) id {queue_id}; {rfc5322_date(now)}\r\n"
         ).encode()
         sender = message.mail_from
-        log.info("NDR for id=%d to <%s> (%d recipient(s))", message_id, sender, len(recipients))
-        return [
-            NewMessage(
-                id=queue_id,
-                message_id=message_id_of(body),
-                mail_from="",
-                subject=f"Undeliverable: {message.subject}",
-                received_at=now,
-                expires_at=now + self._config.queue.message_expiration,
-                client_address="",
-                client_helo=hostname,
-                recipients=[NewRecipient(sender, route(sender, self._policy()).label)],
-                content=received + body,
-            )
-        ]
+        log.info("NDR for id=%d to <%s> (%d recipient(s))", message.id, sender, len(recipients))
+        return NewMessage(
+            id=queue_id,
+            message_id=message_id_of(body),
+            mail_from="",
+            subject=f"Undeliverable: {message.subject}",
+            received_at=now,
+            expires_at=now + self._config.queue.message_expiration,
+            client_address="",
+            client_helo=hostname,
+            recipients=[NewRecipient(sender, route(sender, self._policy()).label)],
+            content=received + body,
+        )
 
     async def _purge_if_due(self) -> None:
         now = self._clock.now()

@@ -1,0 +1,227 @@
+"""Classification (issue 3, section 3): the one table from wire events to outcomes. Pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay import codes
+from relay.classify import (
+    CERTIFICATE_FAILURES,
+    DNS_FAILURES,
+    Failure,
+    Stage,
+    Verdict,
+    WireEvent,
+    classify,
+)
+
+SERVER = "mail.onprem.contoso.test"
+IP = "192.0.2.25"
+
+# Failure -> (stage it happens at, the mail flow code it must give).
+TABLE: dict[Failure, tuple[Stage, codes.MailFlowCode]] = {
+    Failure.DNS_NXDOMAIN: (Stage.RESOLVE, codes.DNS_QUERY_FAILED),
+    Failure.DNS_SERVFAIL: (Stage.RESOLVE, codes.DNS_QUERY_FAILED),
+    Failure.DNS_NO_ANSWER: (Stage.RESOLVE, codes.DNS_QUERY_FAILED),
+    Failure.DNS_TIMEOUT: (Stage.RESOLVE, codes.DNS_QUERY_FAILED),
+    Failure.TIMEOUT: (Stage.CONNECT, codes.CONNECTION_TIMED_OUT),
+    Failure.REFUSED: (Stage.CONNECT, codes.CONNECTION_REFUSED),
+    Failure.UNREACHABLE: (Stage.CONNECT, codes.CANNOT_CONNECT),
+    Failure.CLOSED: (Stage.DATA, codes.CLOSED_ABRUPTLY),
+    Failure.TLS_NOT_OFFERED: (Stage.STARTTLS, codes.CANNOT_CONNECT),
+    Failure.TLS_FAILED: (Stage.STARTTLS, codes.CANNOT_CONNECT),
+    Failure.CERT_EXPIRED: (Stage.STARTTLS, codes.CERTIFICATE_VALIDATION_FAILED),
+    Failure.CERT_NAME: (Stage.STARTTLS, codes.CERTIFICATE_VALIDATION_FAILED),
+    Failure.CERT_UNTRUSTED: (Stage.STARTTLS, codes.CERTIFICATE_VALIDATION_FAILED),
+    Failure.CERT_INVALID: (Stage.STARTTLS, codes.CERTIFICATE_VALIDATION_FAILED),
+}
+
+
+def test_the_table_covers_every_failure_but_replies_and_missing_domains() -> None:
+    assert set(TABLE) | {Failure.REPLY, Failure.DOMAIN_NXDOMAIN} == set(Failure)
+
+
+@pytest.mark.parametrize("failure", list(TABLE), ids=str)
+def test_each_failure_gives_its_mail_flow_code(failure: Failure) -> None:
+    stage, expected = TABLE[failure]
+    ip = None if failure in DNS_FAILURES else IP
+    outcome = classify(WireEvent(stage, failure, "what happened", server=SERVER, ip=ip, port=25))
+    assert outcome.verdict is Verdict.TRANSIENT
+    assert not outcome.permanent
+    assert outcome.mail_flow is expected
+    assert outcome.code == expected.code
+    assert outcome.title == expected.title
+    assert outcome.reply.startswith(expected.reply + " [Message=what happened]")
+    assert outcome.server == SERVER
+    assert outcome.final_reply == ""
+
+
+def test_the_led_line_with_an_ip() -> None:
+    event = WireEvent(
+        Stage.CONNECT,
+        Failure.REFUSED,
+        "connect to 192.0.2.25:2526 failed: connection refused",
+        server=SERVER,
+        ip=IP,
+        port=2526,
+    )
+    outcome = classify(event)
+    assert outcome.reply == (
+        "450 4.4.316 Connection refused "
+        "[Message=connect to 192.0.2.25:2526 failed: connection refused] "
+        f"[LastAttemptedServerName={SERVER}] [LastAttemptedIP={IP}:2526]"
+    )
+    assert outcome.ip == f"{IP}:2526"
+
+
+def test_the_led_line_without_an_ip_when_dns_failed() -> None:
+    event = WireEvent(
+        Stage.RESOLVE,
+        Failure.DNS_NXDOMAIN,
+        f"{SERVER} does not exist (NXDOMAIN)",
+        server=SERVER,
+    )
+    outcome = classify(event)
+    assert outcome.reply == (
+        f"450 4.4.312 DNS query failed [Message={SERVER} does not exist (NXDOMAIN)] "
+        f"[LastAttemptedServerName={SERVER}]"
+    )
+    assert outcome.ip is None
+    assert "LastAttemptedIP" not in outcome.reply
+
+
+def test_an_ipv6_endpoint_is_bracketed() -> None:
+    event = WireEvent(Stage.CONNECT, Failure.REFUSED, "refused", server="::1", ip="::1", port=25)
+    outcome = classify(event)
+    assert outcome.reply.endswith("[LastAttemptedIP=[::1]:25]")
+    assert outcome.ip == "[::1]:25"
+
+
+@pytest.mark.parametrize("failure", sorted(CERTIFICATE_FAILURES), ids=str)
+def test_certificate_details_stay_in_the_message(failure: Failure) -> None:
+    detail = "CertificateExpired: certificate has expired (connector TLS: certificate_validation)"
+    event = WireEvent(Stage.STARTTLS, failure, detail, server=SERVER, ip=IP, port=25)
+    assert f"[Message={detail}]" in classify(event).reply
+
+
+@pytest.mark.parametrize("stage", [Stage.MAIL, Stage.RCPT, Stage.DATA])
+def test_a_remote_4xx_is_transient_and_kept_verbatim(stage: Stage) -> None:
+    event = WireEvent(
+        stage,
+        Failure.REPLY,
+        "451 4.7.1 Greylisted, try again later",
+        server=SERVER,
+        ip=IP,
+        port=25,
+        code=451,
+        reply="4.7.1 Greylisted, try again later",
+    )
+    outcome = classify(event)
+    assert outcome.verdict is Verdict.TRANSIENT
+    assert outcome.code == "4.7.1"
+    assert outcome.title == "Greylisted, try again later"
+    assert outcome.mail_flow is None
+    assert outcome.reply == (
+        "451 4.7.1 Greylisted, try again later "
+        f"[LastAttemptedServerName={SERVER}] [LastAttemptedIP={IP}:25]"
+    )
+
+
+@pytest.mark.parametrize("stage", [Stage.MAIL, Stage.RCPT, Stage.DATA])
+def test_a_remote_5xx_is_permanent_and_the_ndr_quotes_it(stage: Stage) -> None:
+    event = WireEvent(
+        stage,
+        Failure.REPLY,
+        "550 5.1.1 User unknown",
+        server=SERVER,
+        ip=IP,
+        port=25,
+        code=550,
+        reply="5.1.1 User unknown",
+    )
+    outcome = classify(event)
+    assert outcome.verdict is Verdict.PERMANENT
+    assert outcome.permanent
+    assert outcome.code == "5.1.1"
+    assert outcome.title == "User unknown"
+    assert outcome.final_reply == "550 5.1.1 User unknown"
+    assert outcome.reply.startswith("550 5.1.1 User unknown [LastAttemptedServerName=")
+
+
+def test_a_remote_reply_without_an_enhanced_code_gets_the_class_default() -> None:
+    event = WireEvent(
+        Stage.RCPT,
+        Failure.REPLY,
+        "550 no such user",
+        server=SERVER,
+        ip=IP,
+        port=25,
+        code=550,
+        reply="no such user",
+    )
+    outcome = classify(event)
+    assert outcome.permanent
+    assert outcome.code == "5.0.0"
+    assert outcome.final_reply == "550 no such user"
+
+
+def test_a_multi_line_remote_reply_is_one_led_line() -> None:
+    event = WireEvent(
+        Stage.DATA,
+        Failure.REPLY,
+        "",
+        server=SERVER,
+        ip=IP,
+        port=25,
+        code=452,
+        reply="4.3.1 Insufficient system storage\nTry again later",
+    )
+    outcome = classify(event)
+    assert "\n" not in outcome.reply
+    assert outcome.reply.startswith("452 4.3.1 Insufficient system storage Try again later")
+
+
+@pytest.mark.parametrize(
+    ("stage", "code", "reply"),
+    [
+        (Stage.GREETING, 421, "4.3.2 Service not available, closing transmission channel"),
+        (Stage.EHLO, 554, "5.7.1 Go away"),
+        (Stage.STARTTLS, 454, "4.7.0 TLS not available due to temporary reason"),
+    ],
+)
+def test_an_error_before_mail_is_cannot_connect_with_the_reply_inside(
+    stage: Stage, code: int, reply: str
+) -> None:
+    event = WireEvent(
+        stage,
+        Failure.REPLY,
+        f"{code} {reply}",
+        server=SERVER,
+        ip=IP,
+        port=2525,
+        code=code,
+        reply=reply,
+    )
+    outcome = classify(event)
+    assert outcome.verdict is Verdict.TRANSIENT  # even a 5xx greeting: the server, not the user
+    assert outcome.code == "4.4.317"
+    assert outcome.title == "Cannot connect to remote server"
+    assert outcome.reply == (
+        f"450 4.4.317 Cannot connect to remote server [Message={code} {reply}] "
+        f"[LastAttemptedServerName={SERVER}] [LastAttemptedIP={IP}:2525]"
+    )
+
+
+def test_a_recipient_domain_that_does_not_exist_fails_at_once() -> None:
+    event = WireEvent(
+        Stage.RESOLVE,
+        Failure.DOMAIN_NXDOMAIN,
+        "nosuch.test does not exist (NXDOMAIN)",
+        server="nosuch.test",
+    )
+    outcome = classify(event)
+    assert outcome.verdict is Verdict.PERMANENT
+    assert outcome.code == "5.4.310"
+    assert outcome.reply == "550 5.4.310 DNS domain nosuch.test does not exist"
+    assert outcome.final_reply == outcome.reply
+    assert outcome.ip is None

@@ -1,0 +1,120 @@
+"""Routing (issue 3, section 1): mailbox, then the first enabled matching connector, then MX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.config import Config, parse_config
+from relay.policy import CONNECTOR_ENABLED_KEY, Policy
+from relay.routing import RouteKind, matches, route
+from tests.helpers import config_data, toml_dumps
+
+
+def _connector(name: str, *domains: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "recipient_domains": list(domains),
+        "smart_hosts": ["192.0.2.1:25"],
+        **extra,
+    }
+
+
+CONNECTORS = [
+    _connector("To on-premises", "onprem.contoso.test"),
+    _connector("Disabled partner", "partner.test", enabled=False),
+    _connector("Partner wildcard", "*.partner.test", "partner.test"),
+    _connector("Shadowed", "sub.partner.test"),  # listed after the wildcard: never chosen
+    _connector("Contoso catch-all", "contoso.test"),
+]
+
+
+def _config(connectors: list[dict[str, Any]] = CONNECTORS) -> Config:
+    text = toml_dumps(config_data(Path("/nonexistent"), connectors=connectors))
+    return parse_config(text, source="test", base_dir=Path("/nonexistent")).config
+
+
+@pytest.fixture
+def policy() -> Policy:
+    return Policy.build(_config())
+
+
+def test_a_listed_mailbox_is_local_even_when_a_connector_matches_its_domain(
+    policy: Policy,
+) -> None:
+    result = route("Alice@Contoso.test", policy)
+    assert result.kind is RouteKind.MAILBOX
+    assert result.connector is None
+    assert result.label == "mailbox"
+    assert result.domain == "contoso.test"
+
+
+def test_an_unlisted_address_of_a_connector_domain_takes_the_connector(policy: Policy) -> None:
+    result = route("bob@onprem.contoso.test", policy)
+    assert result.kind is RouteKind.CONNECTOR
+    assert result.connector is not None
+    assert result.label == "To on-premises"
+
+
+def test_an_unknown_domain_goes_to_the_internet_by_mx(policy: Policy) -> None:
+    result = route("someone@fabrikam.test", policy)
+    assert result.kind is RouteKind.MX
+    assert result.connector is None
+    assert result.label == "mx"
+    assert result.domain == "fabrikam.test"
+
+
+def test_a_disabled_connector_is_skipped_for_the_next_match(policy: Policy) -> None:
+    assert route("x@partner.test", policy).label == "Partner wildcard"
+
+
+def test_the_first_matching_connector_wins(policy: Policy) -> None:
+    assert route("x@sub.partner.test", policy).label == "Partner wildcard"
+
+
+def test_disabling_a_connector_at_runtime_moves_its_mail_to_mx() -> None:
+    policy = Policy.build(_config(), {CONNECTOR_ENABLED_KEY + "To on-premises": "false"})
+    assert route("bob@onprem.contoso.test", policy).label == "mx"
+
+
+def test_with_every_matching_connector_disabled_the_route_is_mx() -> None:
+    connectors = [_connector("Off", "partner.test", "*.partner.test", enabled=False)]
+    policy = Policy.build(_config(connectors))
+    assert route("x@partner.test", policy).kind is RouteKind.MX
+    assert route("x@a.partner.test", policy).kind is RouteKind.MX
+
+
+@pytest.mark.parametrize(
+    ("pattern", "domain", "expected"),
+    [
+        ("example.com", "example.com", True),
+        ("example.com", "mail.example.com", False),
+        ("*.example.com", "mail.example.com", True),
+        ("*.example.com", "a.b.example.com", True),
+        ("*.example.com", "example.com", False),  # subdomains only
+        ("*.example.com", "badexample.com", False),
+        ("*.example.com", "example.com.evil.test", False),
+        ("example.com", "example.co", False),
+    ],
+)
+def test_matches(pattern: str, domain: str, expected: bool) -> None:
+    assert matches(pattern, domain) is expected
+
+
+def test_a_wildcard_connector_does_not_take_its_parent_domain() -> None:
+    policy = Policy.build(_config([_connector("Subs only", "*.example.com")]))
+    assert route("a@example.com", policy).label == "mx"
+    assert route("a@eu.example.com", policy).label == "Subs only"
+
+
+def test_connector_domains_match_case_insensitively() -> None:
+    policy = Policy.build(_config([_connector("Mixed case", "Partner.TEST")]))
+    assert route("x@PARTNER.test", policy).label == "Mixed case"
+
+
+def test_connector_routes_share_a_key_per_connector_and_mx_per_domain(policy: Policy) -> None:
+    a, b = route("a@sub.partner.test", policy), route("b@partner.test", policy)
+    assert a.key == b.key
+    assert route("a@one.test", policy).key != route("a@two.test", policy).key
