@@ -104,7 +104,8 @@ def build_notification(
     alert: Alert, *, to: Sequence[str], postmaster: str, hostname: str, now: float
 ) -> bytes:
     """Our own "Messages have been delayed" e-mail to the tenant's admins."""
-    message = EmailMessage(policy=SMTP)
+    # Long subjects are folded after their first words, not right after "Subject:".
+    message = EmailMessage(policy=SMTP.clone(max_line_length=998))
     message["From"] = postmaster
     message["To"] = ", ".join(to)
     message["Subject"] = (

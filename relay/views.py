@@ -178,7 +178,8 @@ def alerts_table(alerts: list[dict[str, Any]]) -> str:
     blocks = []
     for a in alerts:
         command = f'relay alerts fix-now "{a["connector"]}"'
-        fix = [f"  Fix now available:  {command}"] if a["fix_now"] else []
+        # On a line of its own, unclipped, so it can be copied whatever the connector's name.
+        fix = ["  Fix now available:", f"    {command}"] if a["fix_now"] else []
         blocks.append(
             "\n".join(
                 [

@@ -1,0 +1,204 @@
+"""Support for the lab-operations tests: the admin CLI, alerts, the clock and the walkthrough.
+
+The in-process relay here runs on a ManualClock that starts one hour ahead of real time.
+The CLI, a separate process, asks the database for the time (real time plus the lab offset),
+so whatever it makes "due now" is already due for the in-process worker, and the test moves
+the relay's clock instead of sleeping. Waits on a subprocess server poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.clock import ManualClock
+from relay.server import Relay
+from tests.delivery_support import ClosedPort, maildir_messages
+from tests.helpers import (
+    HOST,
+    CliResult,
+    RelayProcess,
+    example_data,
+    free_port,
+    load,
+    relay_process,
+    run_cli,
+    run_main,
+    write_config,
+)
+
+T = TypeVar("T")
+
+ON_PREMISES = "To on-premises"
+SENDER = "alice@contoso.test"  # a local mailbox: its NDRs land in its Maildir
+ADMIN = "admin@contoso.test"  # [alerts].notify in the example config
+WIDTH = 100  # every table fits 100 columns (issue 4)
+AHEAD = 3600.0  # the in-process relay's clock runs this far ahead of the CLI's
+NOT_FOUND = "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
+ACCESS_DENIED = "550 5.4.1 Recipient address rejected: Access denied"
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+
+def closed_connectors(
+    onprem: ClosedPort, partner: ClosedPort | None = None
+) -> list[dict[str, Any]]:
+    """The example's on-premises connector, pointed at a refused port (plus a partner one)."""
+    connectors = [
+        {
+            **example_data()["connectors"][0],
+            "smart_hosts": [f"{HOST}:{onprem.port}"],
+            "tls": "none",
+            "connect_timeout": "1s",
+        }
+    ]
+    if partner is not None:
+        connectors.append(
+            {
+                "name": "Partner fabrikam",
+                "type": "partner",
+                "recipient_domains": ["fabrikam.test"],
+                "smart_hosts": [f"{HOST}:{partner.port}"],
+                "tls": "none",
+                "connect_timeout": "1s",
+            }
+        )
+    return connectors
+
+
+def ops_config(directory: Path, onprem: ClosedPort, **overrides: Any) -> Path:
+    """The example config with on-premises at a refused port.
+
+    DNS goes to a loopback port where nothing answers, so mail routed by MX (a disabled
+    connector's) fails fast with a DNS error and never leaves the machine.
+    """
+    overrides.setdefault("connectors", closed_connectors(onprem))
+    overrides.setdefault("dns", {"nameservers": [f"{HOST}:{free_port()}"], "timeout": "1s"})
+    return write_config(directory, **overrides)
+
+
+def serving_config(directory: Path, onprem: ClosedPort, **overrides: Any) -> Path:
+    """`ops_config` listening on a fixed free port, for `relay serve` as a subprocess."""
+    smtp = {"listen": f"{HOST}:{free_port()}", **overrides.pop("smtp", {})}
+    return ops_config(directory, onprem, smtp=smtp, **overrides)
+
+
+# ---- the relay, in-process and as a subprocess ------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def manual_relay(config_path: Path) -> AsyncIterator[Relay]:
+    """A started relay, worker driven by `run_once()`, on a ManualClock an hour ahead.
+
+    The periodic alert check is stopped so a test's own `check_alerts()` is the only one.
+    """
+    relay = Relay(load(config_path), clock=ManualClock(start=time.time() + AHEAD))
+    await relay.start(run_worker=False)
+    alerter = relay._alerter  # no public switch for the 2-second alert loop
+    if alerter is not None:
+        alerter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await alerter
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+async def run_once(relay: Relay) -> None:
+    assert relay.worker is not None
+    await relay.worker.run_once()
+
+
+def advance(relay: Relay, seconds: float) -> None:
+    assert isinstance(relay.clock, ManualClock)
+    relay.clock.advance(seconds)
+
+
+@contextlib.contextmanager
+def served(config_path: Path) -> Iterator[RelayProcess]:
+    """`relay serve` as a subprocess, killed on the way out."""
+    with relay_process(config_path) as process:
+        yield process
+
+
+# ---- the CLI --------------------------------------------------------------------------------
+
+
+async def cli(*args: str, config: Path | str) -> CliResult:
+    """`python -m relay --config X ARGS` without blocking an in-process relay's loop."""
+    return await asyncio.to_thread(run_cli, *args, config=config)
+
+
+async def main_json(*args: str, config: Path | str) -> Any:
+    """`relay ARGS --json` through relay.cli.main in a thread: the same code as the
+    subprocess without its start-up time (for reads; actions go through `cli`)."""
+    return parse_json(await asyncio.to_thread(run_main, *args, "--json", config=config))
+
+
+def ok(result: CliResult) -> CliResult:
+    assert result.code == 0, (
+        f"exit {result.code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
+    return result
+
+
+def parse_json(result: CliResult) -> Any:
+    return json.loads(ok(result).stdout)
+
+
+async def cli_json(*args: str, config: Path | str) -> Any:
+    return parse_json(await cli(*args, "--json", config=config))
+
+
+def assert_fits(text: str, width: int = WIDTH) -> None:
+    wide = [line for line in text.splitlines() if len(line) > width]
+    assert not wide, f"lines wider than {width} columns:\n" + "\n".join(wide)
+
+
+def show(message_id: int, config: Path | str) -> dict[str, Any]:
+    """`relay queue show ID --json` (synchronously, for polling a subprocess server)."""
+    return parse_json(run_cli("queue", "show", str(message_id), "--json", config=config))  # type: ignore[no-any-return]
+
+
+def statuses(message: dict[str, Any]) -> list[str]:
+    return [r["status"] for r in message["recipients"]]
+
+
+# ---- bounded waits --------------------------------------------------------------------------
+
+
+def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, step: float = 0.2) -> T:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout}s: {what} (last: {last!r})")
+        time.sleep(step)
+
+
+def maildir_count(root: Path, address: str) -> int:
+    return len(maildir_messages(root, address))
+
+
+def ndr_statuses(root: Path, address: str) -> list[str]:
+    """The `Status:` lines of the delivery reports in a local mailbox."""
+    found: list[str] = []
+    for message in maildir_messages(root, address):
+        for part in message.walk():
+            if part.get_content_type() == "message/delivery-status":
+                for block in part.get_payload():
+                    status = block.get("Status")
+                    if status:
+                        found.append(str(status))
+    return found
