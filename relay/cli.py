@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -259,7 +259,7 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if not args.verbose:
         logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command log
     try:
-        asyncio.run(serve(loaded))
+        run_fast(serve(loaded))
     except StartupError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
@@ -268,6 +268,16 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             "change [smtp].listen or stop what uses the port"
         ) from None
     return EXIT_OK
+
+
+def run_fast(main: Coroutine[Any, Any, None]) -> None:
+    """Run the server on uvloop when it is installed (`pip install mailflow-relay[fast]`)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def cmd_config_check(args: argparse.Namespace, loaded: LoadedConfig) -> int:
