@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ log = logging.getLogger("relay.delivery")
 # RFC 5321 section 4.5.3.2 suggests minutes per command; a lab wants failures sooner.
 COMMAND_TIMEOUT = 60.0
 DATA_TIMEOUT = 120.0
+# Postfix's smtp_connection_cache_time_limit is 2 s; idle connections wait that long here.
+CACHE_TIME_LIMIT = 2.0
+CACHE_PER_ROUTE = 10
 REQUIRED_TLS = frozenset(
     {TlsPolicy.ENCRYPTION_ONLY, TlsPolicy.CERTIFICATE_VALIDATION, TlsPolicy.DOMAIN_VALIDATION}
 )
@@ -104,6 +108,7 @@ class Agent:
         self._resolver = resolver
         self._hostname = hostname
         self._contexts: dict[TlsSettings, ssl.SSLContext | None] = {}
+        self._idle: dict[str, list[tuple[float, Session]]] = {}
 
     def _context(self, settings: TlsSettings) -> ssl.SSLContext | None:
         if settings not in self._contexts:
@@ -139,29 +144,83 @@ class Agent:
         parcels: Sequence[Parcel],
         content: Callable[[int], Awaitable[bytes]],
     ) -> AsyncIterator[tuple[Parcel, Results]]:
-        """Send each parcel in order over one connection (reused), yielding its results.
+        """Send each parcel in order over one connection, yielding its results.
 
-        When the destination cannot be reached, or the session breaks, every parcel not yet
-        sent gets the same event: the destination is down for all of them (Exchange puts
-        the whole queue in retry).
+        The connection comes from the route's cache when one is idle there, and goes back
+        to it afterwards (Postfix's connection cache). When the destination cannot be
+        reached, or the session breaks, every parcel not yet sent gets the same event: the
+        destination is down for all of them (Exchange puts the whole queue in retry).
         """
+        session = self._cached(route.key)
         try:
-            session = await self._open(await self.target(route))
+            if session is None:
+                session = await self._open(await self.target(route))
         except SessionBroken as broken:  # the route's hosts could not be found or reached
             for parcel in parcels:
                 yield parcel, {rid: broken.event for rid, _ in parcel.recipients}
             return
+        healthy = False
         try:
-            for index, parcel in enumerate(parcels):
+            index = 0
+            while index < len(parcels):
+                parcel = parcels[index]
                 try:
                     results = await session.send(parcel, await content(parcel.message))
                 except SessionBroken as broken:
+                    await session.close()
+                    if session.reused and broken.event.failure is Failure.CLOSED:
+                        # A cached connection the server had closed says nothing about the
+                        # destination: open a fresh one and send this parcel again.
+                        try:
+                            session = await self._open(await self.target(route))
+                        except SessionBroken as again:
+                            broken = again
+                        else:
+                            continue
                     for rest in parcels[index:]:
                         yield rest, {rid: broken.event for rid, _ in rest.recipients}
                     return
+                session.reused = False
+                index += 1
                 yield parcel, results
+            healthy = True
         finally:
-            await session.quit()
+            if healthy:
+                self._park(route.key, session)
+            else:
+                await session.quit()
+
+    @property
+    def has_idle(self) -> bool:
+        return any(self._idle.values())
+
+    def _cached(self, key: str) -> Session | None:
+        """An idle, still connected session to this route, if the cache has one."""
+        idle = self._idle.get(key, [])
+        while idle:
+            parked_at, session = idle.pop()
+            if time.monotonic() - parked_at < CACHE_TIME_LIMIT and session.smtp.is_connected:
+                session.reused = True
+                return session
+            session.smtp.close()
+        return None
+
+    def _park(self, key: str, session: Session) -> None:
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= CACHE_PER_ROUTE or not session.smtp.is_connected:
+            session.smtp.close()
+            return
+        idle.append((time.monotonic(), session))
+
+    async def close_idle(self, *, older_than: float = CACHE_TIME_LIMIT) -> None:
+        """QUIT cached connections idle longer than `older_than` (0: all of them)."""
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            keep = [(t, s) for t, s in idle if now - t < older_than]
+            for t, session in idle:
+                if now - t >= older_than:
+                    await session.quit()
+            self._idle[key] = keep
 
     async def _open(self, target: Target) -> Session:
         """Try each host and address in order; the error kept is the last one tried."""
@@ -234,6 +293,7 @@ class Session:
         self.ip = ip
         self.port = port
         self.hostname = hostname
+        self.reused = False  # taken from the connection cache, not yet used for a message
         self.smtp = aiosmtplib.SMTP(
             hostname=ip,
             port=port,
