@@ -37,7 +37,7 @@ COMMAND_TIMEOUT = 60.0
 DATA_TIMEOUT = 120.0
 # Postfix's smtp_connection_cache_time_limit is 2 s; idle connections wait that long here.
 CACHE_TIME_LIMIT = 2.0
-CACHE_PER_ROUTE = 10
+CONNECTIONS_PER_ROUTE = 10  # at once, per connector (or MX domain); idle ones cached too
 REQUIRED_TLS = frozenset(
     {TlsPolicy.ENCRYPTION_ONLY, TlsPolicy.CERTIFICATE_VALIDATION, TlsPolicy.DOMAIN_VALIDATION}
 )
@@ -207,7 +207,7 @@ class Agent:
 
     def _park(self, key: str, session: Session) -> None:
         idle = self._idle.setdefault(key, [])
-        if len(idle) >= CACHE_PER_ROUTE or not session.smtp.is_connected:
+        if len(idle) >= CONNECTIONS_PER_ROUTE or not session.smtp.is_connected:
             session.smtp.close()
             return
         idle.append((time.monotonic(), session))

@@ -3,7 +3,8 @@
 It sleeps until the next recipient is due (no polling), wakes at once when mail is committed,
 the CLI changes the queue or the clock jumps, and never holds more than a bounded number of
 recipients in memory. Each route is delivered by the agent over reused connections, at most
-`CONNECTIONS_PER_ROUTE` at a time; results and the NDRs they cause are written together.
+`CONNECTIONS_PER_ROUTE` at a time. A failure is written together with its "NDR owed" flag;
+the bounce step then sends one NDR per message (the way Postfix's bounce service works).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from relay import codes, mailbox, ndr
 from relay.classify import Failure, Outcome, Stage, WireEvent, classify
 from relay.clock import Clock, to_datetime
 from relay.config import Config, DomainType
-from relay.delivery import CACHE_TIME_LIMIT, Agent, Parcel, Results
+from relay.delivery import CACHE_TIME_LIMIT, CONNECTIONS_PER_ROUTE, Agent, Parcel, Results
 from relay.intake import rfc5322_date
 from relay.policy import Policy
 from relay.retry import next_attempt_at
@@ -43,7 +44,6 @@ BOUNCE_BATCH = 200  # messages whose NDRs are built per bounce step
 COALESCE = 0.005
 MAX_IN_FLIGHT = 2000  # recipients worked on at once, whatever the queue size
 PARCELS_PER_CONNECTION = 50  # messages sent over one connection before another one helps
-CONNECTIONS_PER_ROUTE = 10
 MAX_SLEEP = 60.0  # re-check at least this often, in case a wake-up was missed
 PURGE_EVERY = 600.0
 NDR_HISTORY = 5  # the last attempts an NDR quotes
