@@ -15,7 +15,7 @@ from relay.clock import Clock, iso
 from relay.config import ConnectorType, DomainType, LoadedConfig
 from relay.policy import CONNECTOR_ENABLED_KEY, DOMAIN_TYPE_KEY, Policy
 from relay.routing import matches
-from relay.server import CLOCK_OFFSET_KEY, load_clock_offset, load_policy
+from relay.runtime import CLOCK_OFFSET_KEY, load_clock_offset, load_policy
 from relay.store import DigestRow, Store
 from relay.units import format_duration
 

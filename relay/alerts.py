@@ -100,6 +100,19 @@ def due_notifications(current: Sequence[Alert], settings: AlertsConfig, now: flo
     ]
 
 
+def next_deadline(
+    current: Sequence[Alert], settings: AlertsConfig, *, exclude: Sequence[Alert] = ()
+) -> float | None:
+    """When the next alert over the count threshold becomes old enough to notify."""
+    sent = {a.connector for a in exclude}
+    times = [
+        a.queue_started_at + settings.after
+        for a in current
+        if a.notified_at is None and a.queued >= settings.threshold and a.connector not in sent
+    ]
+    return min(times, default=None)
+
+
 def build_notification(
     alert: Alert, *, to: Sequence[str], postmaster: str, hostname: str, now: float
 ) -> bytes:

@@ -24,12 +24,12 @@ from relay.intake import IntakeHandler, IntakeServer, start_intake, tls_context
 from relay.policy import Policy
 from relay.resolve import Resolver
 from relay.routing import route
+from relay.runtime import load_clock_offset, load_policy
 from relay.store import NewMessage, NewRecipient, Store, StoreError
 from relay.worker import Worker, message_id_of
 
 log = logging.getLogger("relay.server")
 
-CLOCK_OFFSET_KEY = "clock.offset"
 WATCH_INTERVAL = 1.0  # the CLI's changes reach a running server within about a second
 ALERT_INTERVAL = 2.0
 
@@ -40,15 +40,6 @@ class StartupError(Exception):
 
 class AlreadyRunning(StartupError):
     pass
-
-
-async def load_policy(store: Store, loaded: LoadedConfig) -> Policy:
-    return Policy.build(loaded.config, await store.settings(""))
-
-
-async def load_clock_offset(store: Store) -> float:
-    value = await store.get_setting(CLOCK_OFFSET_KEY)
-    return float(value) if value else 0.0
 
 
 class Relay:
@@ -66,6 +57,8 @@ class Relay:
         self.worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self._alerter: asyncio.Task[None] | None = None
+        self._changes = 0  # commits seen, ours and other processes'
+        self._alert_deadline: float | None = None
 
     @property
     def db_path(self) -> Path:
@@ -95,6 +88,7 @@ class Relay:
         """Bind and begin. run_worker=False leaves delivery to explicit `worker.run_once()`."""
         self._take_lock()
         self.store = store = await Store.open(self.db_path)
+        store.on_commit.append(self._changed)
         self.clock.offset = await load_clock_offset(store)
         self.policy = await load_policy(store, self.loaded)
         smtp = self.config.smtp
@@ -161,6 +155,7 @@ class Relay:
 
     async def refresh(self) -> None:
         assert self.store is not None
+        self._changed()
         self.policy = await load_policy(self.store, self.loaded)
         self.clock.offset = await load_clock_offset(self.store)
         if self.worker is not None:
@@ -168,16 +163,25 @@ class Relay:
 
     async def _alert_loop(self) -> None:
         interval = ALERT_INTERVAL
+        seen = -1
         while True:
             await asyncio.sleep(interval)
+            deadline = self._alert_deadline
+            # The check reads the whole pending queue: run it only when the queue changed or
+            # an alert's `after` has just passed, and less often the longer it takes, so an
+            # idle relay with a huge queue stays under 2% of a core.
+            if seen == self._changes and (deadline is None or self.clock.now() < deadline):
+                continue
+            seen = self._changes
             started = time.monotonic()
             try:
                 await self.check_alerts()
             except StoreError as exc:
                 log.warning("could not check the alerts: %s", exc)
-            # The check reads the whole pending queue; with a huge queue it runs less often,
-            # so it never takes more than about 2% of a core while the relay is idle.
             interval = max(ALERT_INTERVAL, 50 * (time.monotonic() - started))
+
+    def _changed(self) -> None:
+        self._changes += 1
 
     async def check_alerts(self) -> int:
         """Send "Messages have been delayed" once per episode; returns how many were sent."""
@@ -189,6 +193,7 @@ class Relay:
             await store.set_setting(key, None)  # the episode is over
         settings = self.config.alerts
         due = alerts.due_notifications(current, settings, now) if settings.notify else []
+        self._alert_deadline = alerts.next_deadline(current, settings, exclude=due)
         for alert in due:
             content = alerts.build_notification(
                 alert,

@@ -583,22 +583,30 @@ class Store:
 
     async def digest(self) -> list[DigestRow]:
         """Pending recipients grouped by route and last error code (Get-QueueDigest)."""
+        # Grouped over recipients alone; each group's oldest message is looked up once, not
+        # joined for every row (a 2 KB message row read per pending recipient otherwise).
         sql = """
-            SELECT r.connector,
-                   json_extract(r.last_error, '$.code') AS code,
-                   count(DISTINCT r.message),
-                   count(*),
-                   sum(r.status = 'held'),
-                   sum(r.status = 'deferred'),
-                   min(m.received_at),
-                   min(r.next_attempt_at),
-                   min(r.expires_at),
-                   max(coalesce(json_extract(r.last_error, '$.at'), 0)),
-                   r.last_error
-            FROM recipients r JOIN messages m ON m.id = r.message
-            WHERE r.status IN ('queued', 'deferred', 'held')
-            GROUP BY r.connector, code
-            ORDER BY min(m.received_at)
+            SELECT g.connector, g.code, g.messages, g.recipients, g.held, g.deferred,
+                   (SELECT received_at FROM messages WHERE id = g.first) AS started,
+                   g.next_retry, g.oldest_expiry, substr(g.latest, 18) AS last_error
+            FROM (
+                SELECT r.connector,
+                       json_extract(r.last_error, '$.code') AS code,
+                       count(DISTINCT r.message) AS messages,
+                       count(*) AS recipients,
+                       sum(r.status = 'held') AS held,
+                       sum(r.status = 'deferred') AS deferred,
+                       min(r.message) AS first,
+                       min(r.next_attempt_at) AS next_retry,
+                       min(r.expires_at) AS oldest_expiry,
+                       -- the latest error: fixed-width time first, so max() picks its row
+                       max(printf('%017.6f', coalesce(json_extract(r.last_error, '$.at'), 0))
+                           || coalesce(r.last_error, '')) AS latest
+                FROM recipients r
+                WHERE r.status IN ('queued', 'deferred', 'held')
+                GROUP BY r.connector, code
+            ) AS g
+            ORDER BY started
         """
         async with self._conn.execute(sql) as cur:
             return [
@@ -612,7 +620,7 @@ class Store:
                     queue_started_at=row[6],
                     next_retry_at=row[7],
                     oldest_expires_at=row[8],
-                    last_error=LastError.from_json(row[10]),
+                    last_error=LastError.from_json(row[9]),
                 )
                 for row in await cur.fetchall()
             ]
