@@ -374,13 +374,10 @@ class Store:
         """Write attempt results (failures carry their NDR-owed flag)."""
         await self._write(lambda conn: _write_outcomes(conn, outcomes))
 
-    async def bounces_due(self, *, exclude_messages: Iterable[int], limit: int = 200) -> list[int]:
-        """Messages with recipients owed an NDR, none of them still being worked on."""
-        sql = (
-            "SELECT DISTINCT message FROM recipients WHERE ndr_due = 1 "
-            "AND message NOT IN (SELECT value FROM json_each(?)) ORDER BY message LIMIT ?"
-        )
-        async with self._conn.execute(sql, (json.dumps(list(exclude_messages)), limit)) as cur:
+    async def bounces_due(self, *, limit: int = 200) -> list[int]:
+        """Messages with recipients owed an NDR, oldest first."""
+        sql = "SELECT DISTINCT message FROM recipients WHERE ndr_due = 1 ORDER BY message LIMIT ?"
+        async with self._conn.execute(sql, (limit,)) as cur:
             return [int(r[0]) for r in await cur.fetchall()]
 
     async def send_bounce(
@@ -500,6 +497,14 @@ class Store:
             "AND id NOT IN (SELECT value FROM json_each(?))"
         )
         async with self._conn.execute(sql, (json.dumps(list(exclude)),)) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def next_due_after(self, now: float) -> float | None:
+        """The earliest next attempt later than `now` (the recipients_due index's range)."""
+        async with self._conn.execute(
+            "SELECT min(next_attempt_at) FROM recipients WHERE next_attempt_at > ?", (now,)
+        ) as cur:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
 

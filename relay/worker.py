@@ -41,7 +41,7 @@ log = logging.getLogger("relay.worker")
 
 BATCH = 500  # recipients read per dispatch
 BOUNCE_BATCH = 200  # messages whose NDRs are built per bounce step
-COALESCE = 0.005
+COALESCE = 0.02  # seconds: wake-ups within this are handled together
 MAX_IN_FLIGHT = 2000  # recipients worked on at once, whatever the queue size
 PARCELS_PER_CONNECTION = 50  # messages sent over one connection before another one helps
 MAX_SLEEP = 60.0  # re-check at least this often, in case a wake-up was missed
@@ -103,11 +103,11 @@ class Worker:
             await asyncio.sleep(COALESCE)
             self._wake.clear()
             try:
-                await self._dispatch()
+                full = await self._dispatch()
                 await self._bounce()
                 await self._purge_if_due()
                 await self._agent.close_idle()
-                delay = await self._sleep_time()
+                delay = 0.0 if full else await self._sleep_time()
             except Exception:  # keep the relay alive; the next wake-up tries again
                 log.exception("dispatch failed")
                 delay = 5.0
@@ -137,19 +137,22 @@ class Worker:
         await self._agent.close_idle(older_than=0)
 
     async def _sleep_time(self) -> float:
-        if len(self._in_flight) >= MAX_IN_FLIGHT:
-            return MAX_SLEEP  # a finishing task wakes us
-        next_at = await self._store.next_due_at(exclude=self._in_flight)
+        """Until the next recipient falls due. Everything due now was dispatched (or waits
+        for room, and a finishing task wakes us), so only later times count."""
+        now = self._clock.now()
+        next_at = await self._store.next_due_after(now)
         if next_at is None:
             return MAX_SLEEP
-        return min(MAX_SLEEP, max(0.0, next_at - self._clock.now()))
+        return min(MAX_SLEEP, max(0.0, next_at - now))
 
-    async def _dispatch(self) -> None:
+    async def _dispatch(self) -> bool:
+        """Start work on what is due; True when there may be more due right now."""
         room = MAX_IN_FLIGHT - len(self._in_flight)
         if room <= 0:
-            return
+            return False
         now = self._clock.now()
-        rows = await self._store.due(now=now, limit=min(BATCH, room), exclude=self._in_flight)
+        limit = min(BATCH, room)
+        rows = await self._store.due(now=now, limit=limit, exclude=self._in_flight)
         policy = self._policy()
         expired: list[RecipientRow] = []
         unknown: list[RecipientRow] = []
@@ -171,6 +174,7 @@ class Worker:
         for key, items in groups.items():
             for chunk in _chunks(items, PARCELS_PER_CONNECTION):
                 self._spawn(self._deliver(key, chunk), [i.row for i in chunk])
+        return len(rows) == limit
 
     def _spawn(self, work: Awaitable[None], rows: Sequence[RecipientRow]) -> None:
         ids = [r.id for r in rows]
@@ -321,11 +325,11 @@ class Worker:
         if not self._bounce_pending:
             return
         self._bounce_pending = False
-        busy = {message for message, count in self._messages_in_flight.items() if count}
-        due = await self._store.bounces_due(exclude_messages=busy, limit=BOUNCE_BATCH)
-        if busy or len(due) == BOUNCE_BATCH:
+        owed = await self._store.bounces_due(limit=BOUNCE_BATCH)
+        ready = [m for m in owed if not self._messages_in_flight[m]]
+        if len(ready) < len(owed) or len(owed) == BOUNCE_BATCH:
             self._bounce_pending = True  # look again once those messages are done
-        for message_id in due:
+        for message_id in ready:
             message = await self._store.get_message(message_id, history=True)
             if message is None:
                 continue
