@@ -264,7 +264,7 @@ class Store:
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Op | _Enqueue, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._next_id = 0
         self.on_commit: list[Callable[[], None]] = []
@@ -334,7 +334,7 @@ class Store:
         self._next_id += 1
         return value
 
-    async def _write(self, op: Op) -> Any:
+    async def _write(self, op: Op | _Enqueue) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
         if self._flusher is None or self._flusher.done():
@@ -348,8 +348,15 @@ class Store:
             try:
                 await self._conn.execute("BEGIN IMMEDIATE")
                 try:
+                    # All the sessions' messages in two statements, then the other writes.
+                    arrivals = [op.message for op, _ in batch if isinstance(op, _Enqueue)]
+                    if arrivals:
+                        await _insert_messages(self._conn, arrivals)
                     for op, _ in batch:
-                        results.append(await op(self._conn))
+                        if isinstance(op, _Enqueue):
+                            results.append(op.message.id)
+                        else:
+                            results.append(await op(self._conn))
                     await self._conn.commit()
                 except BaseException:
                     await self._conn.rollback()
@@ -368,7 +375,7 @@ class Store:
 
     async def enqueue(self, message: NewMessage) -> int:
         """Queue a message; returns its id once it is committed to disk."""
-        return await self._write(lambda conn: _insert_message(conn, message))  # type: ignore[no-any-return]
+        return await self._write(_Enqueue(message))  # type: ignore[no-any-return]
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
         """Write attempt results (failures carry their NDR-owed flag)."""
@@ -508,10 +515,19 @@ class Store:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    async def senders(self, message_ids: Sequence[int]) -> dict[int, str]:
-        sql = "SELECT id, mail_from FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+    async def envelopes(self, message_ids: Sequence[int]) -> dict[int, tuple[str, int]]:
+        """Sender and size of each message."""
+        sql = (
+            "SELECT id, mail_from, size FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+        )
         async with self._conn.execute(sql, (json.dumps(list(message_ids)),)) as cur:
-            return {int(r[0]): str(r[1]) for r in await cur.fetchall()}
+            return {int(r[0]): (str(r[1]), int(r[2])) for r in await cur.fetchall()}
+
+    async def contents(self, message_ids: Sequence[int]) -> dict[int, bytes]:
+        """Several messages' content in one query (the caller bounds their total size)."""
+        sql = "SELECT id, content FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+        async with self._conn.execute(sql, (json.dumps(list(message_ids)),)) as cur:
+            return {int(r[0]): bytes(r[1]) for r in await cur.fetchall()}
 
     async def retry_now(self, *, connector: str, now: float) -> int:
         """Make a connector's deferred recipients due now (it is reachable again)."""
@@ -665,38 +681,46 @@ class Store:
             return {str(k): str(v) for k, v in await cur.fetchall()}
 
 
+@dataclass(frozen=True, slots=True)
+class _Enqueue:
+    """A message waiting for the writer's next batch."""
+
+    message: NewMessage
+
+
 async def _insert_message(conn: aiosqlite.Connection, message: NewMessage) -> int:
-    await conn.execute(
+    await _insert_messages(conn, [message])
+    return message.id
+
+
+async def _insert_messages(conn: aiosqlite.Connection, messages: Sequence[NewMessage]) -> None:
+    await conn.executemany(
         "INSERT INTO messages (id, message_id, mail_from, subject, size, received_at, "
         "client_address, client_helo, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            message.id,
-            message.message_id,
-            message.mail_from,
-            message.subject,
-            len(message.content),
-            message.received_at,
-            message.client_address,
-            message.client_helo,
-            message.content,
-        ),
+        [
+            (
+                m.id,
+                m.message_id,
+                m.mail_from,
+                m.subject,
+                len(m.content),
+                m.received_at,
+                m.client_address,
+                m.client_helo,
+                m.content,
+            )
+            for m in messages
+        ],
     )
     await conn.executemany(
         "INSERT INTO recipients (message, address, status, connector, next_attempt_at, "
         "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
         [
-            (
-                message.id,
-                r.address,
-                Status.QUEUED.value,
-                r.connector,
-                message.received_at,
-                message.expires_at,
-            )
-            for r in message.recipients
+            (m.id, r.address, Status.QUEUED.value, r.connector, m.received_at, m.expires_at)
+            for m in messages
+            for r in m.recipients
         ],
     )
-    return message.id
 
 
 async def _write_outcomes(conn: aiosqlite.Connection, outcomes: Sequence[Outcome]) -> None:

@@ -47,6 +47,7 @@ PARCELS_PER_CONNECTION = 50  # messages sent over one connection before another 
 MAX_SLEEP = 60.0  # re-check at least this often, in case a wake-up was missed
 PURGE_EVERY = 600.0
 NDR_HISTORY = 5  # the last attempts an NDR quotes
+PREFETCH_BYTES = 2_000_000  # a chunk's messages read at once when together no bigger
 
 # Fix now (an internal_relay domain made authoritative): queued mail for addresses that do
 # not exist there fails at once, as Exchange Online's recipient resolution does.
@@ -202,27 +203,42 @@ class Worker:
     async def _deliver(self, key: str, items: list[_Item]) -> None:
         the_route = items[0].route
         rows = {i.row.id: i.row for i in items}
-        parcels = await self._parcels(items)
+        parcels, sizes = await self._parcels(items)
         async with self._limits[key]:
             if the_route.kind is RouteKind.MAILBOX:
                 for parcel in parcels:
                     await self._record(the_route, parcel, await self._to_mailboxes(parcel), rows)
                 return
-            async for parcel, results in self._agent.deliver(
-                the_route, parcels, self._store.content
-            ):
+            content = await self._loader(sizes)
+            async for parcel, results in self._agent.deliver(the_route, parcels, content):
                 await self._record(the_route, parcel, results, rows)
 
-    async def _parcels(self, items: list[_Item]) -> list[Parcel]:
-        """One parcel per message, in arrival order (Exchange delivers a queue in order)."""
+    async def _loader(self, sizes: dict[int, int]) -> Callable[[int], Awaitable[bytes]]:
+        """Message content for the agent: small chunks read in one query, big ones one by one
+        (memory stays bounded by PREFETCH_BYTES per connection)."""
+        prefetched: dict[int, bytes] = {}
+        if sum(sizes.values()) <= PREFETCH_BYTES:
+            prefetched = await self._store.contents(list(sizes))
+
+        async def content(message: int) -> bytes:
+            data = prefetched.pop(message, None)
+            return data if data is not None else await self._store.content(message)
+
+        return content
+
+    async def _parcels(self, items: list[_Item]) -> tuple[list[Parcel], dict[int, int]]:
+        """One parcel per message, in arrival order (Exchange delivers a queue in order), and
+        each message's size."""
         by_message: dict[int, list[RecipientRow]] = defaultdict(list)
         for item in items:
             by_message[item.row.message].append(item.row)
-        senders = await self._store.senders(list(by_message))
-        return [
-            Parcel(message, senders.get(message, ""), tuple((r.id, r.address) for r in rows))
+        envelopes = await self._store.envelopes(list(by_message))
+        parcels = [
+            Parcel(message, envelopes[message][0], tuple((r.id, r.address) for r in rows))
             for message, rows in sorted(by_message.items())
+            if message in envelopes  # deleted from the CLI meanwhile
         ]
+        return parcels, {p.message: envelopes[p.message][1] for p in parcels}
 
     async def _to_mailboxes(self, parcel: Parcel) -> Results:
         content = await self._store.content(parcel.message)

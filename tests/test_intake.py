@@ -355,13 +355,13 @@ async def test_eight_bit_body_is_kept(relay_server: Relay) -> None:
 async def test_store_failure_answers_451_and_leaves_nothing(
     relay_server: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_insert = relay.store._insert_message
+    real_insert = relay.store._insert_messages
 
-    async def insert_then_fail(conn: Any, message: Any) -> int:
-        await real_insert(conn, message)  # the message row is written, then the disk "fails"
+    async def insert_then_fail(conn: Any, messages: Any) -> None:
+        await real_insert(conn, messages)  # the message rows are written, then the disk "fails"
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(relay.store, "_insert_message", insert_then_fail)
+    monkeypatch.setattr(relay.store, "_insert_messages", insert_then_fail)
     async with smtp_client(relay_server.port) as client:
         await client.mail("sender@fabrikam.test")
         await client.rcpt("alice@contoso.test")
@@ -372,7 +372,7 @@ async def test_store_failure_answers_451_and_leaves_nothing(
         assert await relay_server.store.query("SELECT id FROM messages") == []
         assert await relay_server.store.query("SELECT id FROM recipients") == []
         # Once the store works again, the same session can queue the message.
-        monkeypatch.setattr(relay.store, "_insert_message", real_insert)
+        monkeypatch.setattr(relay.store, "_insert_messages", real_insert)
         await client.mail("sender@fabrikam.test")
         await client.rcpt("alice@contoso.test")
         again = reply_text(await send_data(client, make_message(subject="retried")))
