@@ -297,6 +297,8 @@ def header_fields(head: str, names: frozenset[str]) -> dict[str, str]:
 def decoded_subject(value: Any) -> str:
     if value is None:
         return ""
+    if "=?" not in str(value):  # no RFC 2047 encoded words: nothing to decode
+        return str(value)
     try:
         return str(make_header(decode_header(str(value)))).replace("\r\n", "").replace("\n", "")
     except (ValueError, LookupError, UnicodeError):
