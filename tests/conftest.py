@@ -29,7 +29,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from relay.clock import ManualClock  # noqa: E402
+from relay.lab.faults import FaultLab  # noqa: E402
 from relay.server import Relay  # noqa: E402
+from tests.delivery_support import lab_config, manual_relay, running_lab  # noqa: E402
 from tests.helpers import (  # noqa: E402
     MakeConfig,
     StartRelay,
@@ -85,3 +87,20 @@ async def relay_server(start_relay: StartRelay) -> Relay:
 @pytest.fixture
 def tls_files(tmp_path: Path) -> TlsFiles:
     return make_tls_files(tmp_path / "tls")
+
+
+# ---- the lab's fault targets, and a relay wired to them (delivery tests) ------------------
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
+    """Every fault target and the lab DNS server, on loopback ports chosen by the system."""
+    async with running_lab(tmp_path / "lab") as started:
+        yield started
+
+
+@pytest.fixture
+async def relay(tmp_path: Path, lab: FaultLab) -> AsyncIterator[Relay]:
+    """An in-process relay (ManualClock, worker driven by run_once) using the lab."""
+    async with manual_relay(lab_config(tmp_path, lab)) as started:
+        yield started

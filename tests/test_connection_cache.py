@@ -7,8 +7,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
 from relay.lab.faults import FaultLab
 from relay.server import Relay
 from relay.store import Status
@@ -19,15 +17,8 @@ from tests.delivery_support import (
     manual_relay,
     recipient,
     run_once,
-    running_lab,
     submit,
 )
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with running_lab(tmp_path / "lab") as started:
-        yield started
 
 
 @contextlib.asynccontextmanager

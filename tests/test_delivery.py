@@ -10,7 +10,6 @@ import contextlib
 import email
 import email.policy
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +69,6 @@ CERT_DETAIL = {
     "cert-wrong-name": "SubjectMismatch",
     "cert-untrusted": "UntrustedRoot",
 }
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    from tests.delivery_support import running_lab
-
-    async with running_lab(tmp_path / "lab") as started:
-        yield started
-
-
-@pytest.fixture
-async def relay(tmp_path: Path, lab: FaultLab) -> AsyncIterator[Relay]:
-    async with manual_relay(lab_config(tmp_path, lab)) as started:
-        yield started
 
 
 def _port(lab: FaultLab, mode: str) -> int | None:

@@ -8,7 +8,6 @@ or through the on-premises connector), and a null sender gets none.
 from __future__ import annotations
 
 import email.message
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,6 @@ from tests.delivery_support import (
     ndrs,
     recipient,
     run_once,
-    running_lab,
     submit,
 )
 from tests.helpers import make_message
@@ -40,18 +38,6 @@ pytestmark = pytest.mark.timeout(30)
 
 EXPIRATION = 48 * 3600  # the example config's message_expiration
 SUBJECT = "Quarterly report"
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with running_lab(tmp_path / "lab") as started:
-        yield started
-
-
-@pytest.fixture
-async def relay(tmp_path: Path, lab: FaultLab) -> AsyncIterator[Relay]:
-    async with manual_relay(lab_config(tmp_path, lab)) as started:
-        yield started
 
 
 async def _expire(relay: Relay, queue_id: int) -> None:

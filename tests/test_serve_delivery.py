@@ -23,7 +23,7 @@ import pytest
 
 from relay import codes
 from relay.lab.faults import EXPECTED, Fault, FaultLab
-from tests.delivery_support import SENDER, lab_config, maildir_messages, running_lab
+from tests.delivery_support import SENDER, lab_config, maildir_messages
 from tests.helpers import RelayProcess, free_port, require_program, run_cli, start_relay_process
 
 pytestmark = [pytest.mark.swaks, pytest.mark.timeout(60)]
@@ -31,12 +31,6 @@ pytestmark = [pytest.mark.swaks, pytest.mark.timeout(60)]
 T = TypeVar("T")
 TWO_DAYS = 48 * 3600
 INTERNAL_ID = re.compile(r"\[InternalId=(\d+)\]")
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with running_lab(tmp_path / "lab") as started:
-        yield started
 
 
 @pytest.fixture
