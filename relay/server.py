@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import ssl
 import time
 from pathlib import Path
@@ -150,7 +151,7 @@ class Relay:
                 if current != version:
                     version = current
                     await self.refresh()
-            except StoreError as exc:  # keep serving; the next tick tries again
+            except (StoreError, sqlite3.Error) as exc:  # keep serving; the next tick tries again
                 log.warning("could not read the queue's changes: %s", exc)
 
     async def refresh(self) -> None:
@@ -176,7 +177,7 @@ class Relay:
             started = time.monotonic()
             try:
                 await self.check_alerts()
-            except StoreError as exc:
+            except (StoreError, sqlite3.Error) as exc:
                 log.warning("could not check the alerts: %s", exc)
             interval = max(ALERT_INTERVAL, 50 * (time.monotonic() - started))
 
