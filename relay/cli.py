@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -251,13 +253,7 @@ def _run(coro: Awaitable[T]) -> T:
 def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     from relay.server import StartupError, serve
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:
-        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command log
+    listener = _log_in_background(verbose=args.verbose)
     try:
         run_fast(serve(loaded))
     except StartupError as exc:
@@ -267,7 +263,25 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             f"cannot listen on {loaded.config.smtp.listen}: {exc.strerror or exc}; "
             "change [smtp].listen or stop what uses the port"
         ) from None
+    finally:
+        listener.stop()  # writes out what is still queued
     return EXIT_OK
+
+
+def _log_in_background(*, verbose: bool) -> logging.handlers.QueueListener:
+    """Log to stderr from a thread of its own: formatting and writing a line per message
+    would otherwise be blocking work on the event loop."""
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root = logging.getLogger()
+    root.addHandler(logging.handlers.QueueHandler(records))
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command log
+    listener = logging.handlers.QueueListener(records, stream)
+    listener.start()
+    return listener
 
 
 def run_fast(main: Coroutine[Any, Any, None]) -> None:
