@@ -24,10 +24,9 @@ from relay.delivery import Agent
 from relay.intake import IntakeHandler, IntakeServer, start_intake, tls_context
 from relay.policy import Policy
 from relay.resolve import Resolver
-from relay.routing import route
 from relay.runtime import load_clock_offset, load_policy
-from relay.store import NewMessage, NewRecipient, Store, StoreError
-from relay.worker import Worker, message_id_of
+from relay.store import Store, StoreError
+from relay.worker import Worker, generated_message
 
 log = logging.getLogger("relay.server")
 
@@ -204,19 +203,14 @@ class Relay:
                 now=now,
             )
             await store.enqueue(
-                NewMessage(
-                    id=store.reserve_id(),
-                    message_id=message_id_of(content),
-                    mail_from="",
+                generated_message(
+                    queue_id=store.reserve_id(),
                     subject=f"Messages have been delayed: {alert.connector}",
-                    received_at=now,
-                    expires_at=now + self.config.queue.message_expiration,
-                    client_address="",
-                    client_helo=self.config.smtp.hostname,
-                    recipients=[
-                        NewRecipient(a, route(a, self.policy).label) for a in settings.notify
-                    ],
+                    to=settings.notify,
                     content=content,
+                    now=now,
+                    config=self.config,
+                    policy=self.policy,
                 )
             )
             await store.set_setting(alerts.NOTIFIED_KEY + alert.connector, repr(now))

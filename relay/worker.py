@@ -392,17 +392,14 @@ class Worker:
         ).encode()
         sender = message.mail_from
         log.info("NDR for id=%d to <%s> (%d recipient(s))", message.id, sender, len(recipients))
-        return NewMessage(
-            id=queue_id,
-            message_id=message_id_of(body),
-            mail_from="",
+        return generated_message(
+            queue_id=queue_id,
             subject=f"Undeliverable: {message.subject}",
-            received_at=now,
-            expires_at=now + self._config.queue.message_expiration,
-            client_address="",
-            client_helo=hostname,
-            recipients=[NewRecipient(sender, route(sender, self._policy()).label)],
+            to=[sender],
             content=received + body,
+            now=now,
+            config=self._config,
+            policy=self._policy(),
         )
 
     async def _purge_if_due(self) -> None:
@@ -438,6 +435,31 @@ def _chunks(items: list[_Item], messages: int) -> list[list[_Item]]:
         seen.add(item.row.message)
         chunks[-1].append(item)
     return chunks
+
+
+def generated_message(
+    *,
+    queue_id: int,
+    subject: str,
+    to: Sequence[str],
+    content: bytes,
+    now: float,
+    config: Config,
+    policy: Policy,
+) -> NewMessage:
+    """A message the relay writes itself (an NDR, an alert): null sender, routed like any."""
+    return NewMessage(
+        id=queue_id,
+        message_id=message_id_of(content),
+        mail_from="",
+        subject=subject,
+        received_at=now,
+        expires_at=now + config.queue.message_expiration,
+        client_address="",
+        client_helo=config.smtp.hostname,
+        recipients=[NewRecipient(a, route(a, policy).label) for a in to],
+        content=content,
+    )
 
 
 def message_id_of(content: bytes) -> str:

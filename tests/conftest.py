@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,13 @@ if _ROOT not in sys.path:
 from relay.clock import ManualClock  # noqa: E402
 from relay.lab.faults import FaultLab  # noqa: E402
 from relay.server import Relay  # noqa: E402
-from tests.delivery_support import lab_config, manual_relay, running_lab  # noqa: E402
+from tests.delivery_support import (  # noqa: E402
+    ClosedPort,
+    closed_port,
+    lab_config,
+    manual_relay,
+    running_lab,
+)
 from tests.helpers import (  # noqa: E402
     MakeConfig,
     StartRelay,
@@ -104,3 +110,10 @@ async def relay(tmp_path: Path, lab: FaultLab) -> AsyncIterator[Relay]:
     """An in-process relay (ManualClock, worker driven by run_once) using the lab."""
     async with manual_relay(lab_config(tmp_path, lab)) as started:
         yield started
+
+
+@pytest.fixture
+def onprem() -> Iterator[ClosedPort]:
+    """A loopback port nothing listens on: the on-premises server is "shut down"."""
+    with closed_port() as port:
+        yield port

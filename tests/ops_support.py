@@ -13,6 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -202,3 +203,8 @@ def ndr_statuses(root: Path, address: str) -> list[str]:
                     if status:
                         found.append(str(status))
     return found
+
+
+def epoch(text: str) -> float:
+    """An ISO 8601 time from the CLI's JSON ("...Z") as Unix seconds."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

@@ -12,7 +12,6 @@ import asyncio
 import smtplib
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from tests.ops_support import (
     cli,
     cli_json,
     closed_connectors,
+    epoch,
     main_json,
     manual_relay,
     ndr_statuses,
@@ -73,16 +73,6 @@ DIGEST_KEYS = {
 }
 EXPIRATION = 48 * 3600
 ACTIONS = ("retry", "hold", "release", "expire", "delete")
-
-
-def epoch(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-@pytest.fixture
-def onprem() -> Iterator[ClosedPort]:
-    with closed_port() as port:
-        yield port
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import dataclasses
 import email
 import email.policy
 import email.utils
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,12 +244,6 @@ def test_no_fix_now_hint_without_fix_now() -> None:
 
 
 # ---- an episode on an in-process relay ------------------------------------------------------
-
-
-@pytest.fixture
-def onprem() -> Iterator[ClosedPort]:
-    with closed_port() as port:
-        yield port
 
 
 def admin_mail(relay: Any) -> list[email.message.EmailMessage]:

@@ -8,17 +8,16 @@ seconds: `relay clock advance 48h` turns every deferred message into an NDR (Don
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from tests.delivery_support import ClosedPort, closed_port
+from tests.delivery_support import ClosedPort
 from tests.helpers import queued_id, run_cli, run_cli_many, send_mail_sync
 from tests.ops_support import (
     SENDER,
     assert_fits,
+    epoch,
     ndr_statuses,
     ok,
     ops_config,
@@ -32,16 +31,6 @@ pytestmark = pytest.mark.timeout(60)
 
 DAY2 = 48 * 3600.0
 NOTE = "lab clock is offset by +48h"
-
-
-def epoch(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-@pytest.fixture
-def onprem() -> Iterator[ClosedPort]:
-    with closed_port() as port:
-        yield port
 
 
 @pytest.fixture
