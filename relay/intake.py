@@ -16,12 +16,13 @@ import ssl
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import decode_header, make_header
 from email.utils import format_datetime, make_msgid
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, _AuthMechAttr
 
 from relay.clock import Clock
 from relay.policy import Policy
@@ -80,11 +81,28 @@ class RelaySMTP(SMTP):
     """aiosmtpd's protocol with Exchange's wording and RFC 2034 codes on every reply."""
 
     _replying_to_ehlo = False
+    _hooks_bound = False
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        # aiosmtpd's constructor finds the smtp_*, auth_* and handle_* methods with dir(),
+        # inspect.getmembers() and inspect.signature() on every connection: a tenth of the
+        # intake's CPU time. It is given nothing to scan (no handler, an empty dir()), and
+        # the same tables are filled from names looked up once per class (see
+        # _method_names; tests/test_intake_fast.py checks them against aiosmtpd's own).
+        super().__init__(_NO_HOOKS, **kwargs)
+        self._hooks_bound = True
+        self.event_handler = handler
+        names = _method_names(type(self), type(handler))
+        self._handle_hooks = {name: getattr(handler, attr) for name, attr in names.hooks}
+        self._ehlo_hook_ver = "new" if "EHLO" in self._handle_hooks else None
+        self._smtp_methods = _BoundOnLookup(self, names.commands)  # type: ignore[assignment]
+        self._auth_methods = {
+            name: _AuthMechAttr(getattr(self, attr), True) for name, attr in names.auth
+        }
 
     def __dir__(self) -> list[str]:
-        # aiosmtpd's __init__ looks through dir(self) for smtp_* and auth_* methods on every
-        # connection; all of dir() made that a tenth of the intake's CPU time.
-        return _PROTOCOL_NAMES
+        # Empty only while aiosmtpd's constructor scans it (see __init__).
+        return super().__dir__() if self._hooks_bound else []
 
     async def smtp_EHLO(self, hostname: str) -> None:
         # RFC 2034 section 3: the EHLO reply lines carry no enhanced codes.
@@ -118,15 +136,73 @@ class RelaySMTP(SMTP):
         await super().push(status)
 
 
-_PROTOCOL_NAMES = sorted(n for n in dir(RelaySMTP) if n.startswith(("smtp_", "auth_")))
+class _NoHooks:
+    """The handler aiosmtpd's constructor sees: nothing for it to scan."""
+
+    def __dir__(self) -> list[str]:
+        return []
+
+
+_NO_HOOKS = _NoHooks()
+
+
+class _BoundOnLookup:
+    """aiosmtpd's table of smtp_* methods, bound when a command is looked up rather than
+    all thirty when a connection opens (what aiosmtpd uses of a dict: get, items, keys)."""
+
+    __slots__ = ("_names", "_owner")
+
+    def __init__(self, owner: object, names: dict[str, str]) -> None:
+        self._owner = owner
+        self._names = names
+
+    def get(self, name: str, default: Any = None) -> Any:
+        attr = self._names.get(name)
+        return default if attr is None else getattr(self._owner, attr)
+
+    def keys(self) -> Any:
+        return self._names.keys()
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self._owner, attr)) for name, attr in self._names.items()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+
+@dataclass(frozen=True)
+class _MethodNames:
+    hooks: tuple[tuple[str, str], ...]  # ("EHLO", "handle_EHLO"), ...
+    commands: dict[str, str]  # {"EHLO": "smtp_EHLO", ...}
+    auth: tuple[tuple[str, str], ...]  # ("PLAIN", "auth_PLAIN"), ...
+
+
+@functools.cache
+def _method_names(protocol: type[SMTP], handler: type) -> _MethodNames:
+    """What aiosmtpd's constructor derives from dir() and inspect, once per pair of classes.
+
+    The handler's own auth_* methods are not looked at: ours has none (we offer no AUTH,
+    like Exchange Online's MX).
+    """
+    hooks = tuple((n.removeprefix("handle_"), n) for n in dir(handler) if n.startswith("handle_"))
+    ehlo = dict(hooks).get("EHLO")
+    if ehlo is not None and len(inspect.signature(getattr(handler, ehlo)).parameters) != 6:
+        raise TypeError(f"{handler.__name__}.handle_EHLO must take the 5-argument form")
+    commands = {n.removeprefix("smtp_"): n for n in dir(protocol) if n.startswith("smtp_")}
+    auth = tuple(
+        (
+            getattr(getattr(protocol, n), "__auth_mechanism_name__", None)
+            or n.removeprefix("auth_").replace("__", "-"),
+            n,
+        )
+        for n in dir(protocol)
+        if n.startswith("auth_")
+    )
+    return _MethodNames(hooks, commands, auth)
 
 
 class IntakeHandler:
     """aiosmtpd handler: Exchange Online's recipient rules, limits and acceptance reply."""
-
-    def __dir__(self) -> list[str]:
-        # aiosmtpd scans dir(handler) for handle_* and auth_* on every connection.
-        return _HANDLER_NAMES
 
     def __init__(
         self,
@@ -236,14 +312,6 @@ def rfc5322_date(timestamp: float) -> str:
 @functools.lru_cache(maxsize=8)
 def _date_of_second(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, UTC))
-
-
-_HANDLER_NAMES = sorted(n for n in dir(IntakeHandler) if n.startswith(("handle_", "auth_")))
-# aiosmtpd reads handle_EHLO's signature on every connection to pick its calling convention;
-# a precomputed __signature__ spares inspect the work (a few percent of the intake's CPU).
-IntakeHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
-    IntakeHandler.handle_EHLO
-)
 
 
 def _client_ip(session: Session) -> str:

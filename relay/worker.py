@@ -190,8 +190,12 @@ class Worker:
                 log.exception("a delivery task failed; its recipients stay due")
             finally:
                 self._in_flight.difference_update(ids)
-                self._messages_in_flight.subtract(messages)
-                self._messages_in_flight += Counter()  # drop the zeros
+                counts = self._messages_in_flight
+                for message, n in messages.items():  # not `+= Counter()`: that walks them all
+                    if counts[message] <= n:
+                        del counts[message]
+                    else:
+                        counts[message] -= n
                 self.wake()
 
         task = asyncio.create_task(run())
