@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
+import gc
 import json
 import logging
 import logging.handlers
@@ -278,7 +278,7 @@ def _log_in_background(*, verbose: bool) -> logging.handlers.QueueListener:
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     # What the format above does not show is not collected (the logging HOWTO's
     # "Optimization" section): no caller's frame, thread, process or task name per record.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

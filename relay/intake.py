@@ -102,7 +102,7 @@ class RelaySMTP(SMTP):
 
     def __dir__(self) -> list[str]:
         # Empty only while aiosmtpd's constructor scans it (see __init__).
-        return super().__dir__() if self._hooks_bound else []
+        return list(super().__dir__()) if self._hooks_bound else []
 
     async def smtp_EHLO(self, hostname: str) -> None:
         # RFC 2034 section 3: the EHLO reply lines carry no enhanced codes.
@@ -177,13 +177,22 @@ class _MethodNames:
     auth: tuple[tuple[str, str], ...]  # ("PLAIN", "auth_PLAIN"), ...
 
 
-@functools.cache
+_NAMES: dict[tuple[type, type], _MethodNames] = {}
+
+
 def _method_names(protocol: type[SMTP], handler: type) -> _MethodNames:
     """What aiosmtpd's constructor derives from dir() and inspect, once per pair of classes.
 
     The handler's own auth_* methods are not looked at: ours has none (we offer no AUTH,
     like Exchange Online's MX).
     """
+    names = _NAMES.get((protocol, handler))
+    if names is None:
+        names = _NAMES[protocol, handler] = _scan(protocol, handler)
+    return names
+
+
+def _scan(protocol: type[SMTP], handler: type) -> _MethodNames:
     hooks = tuple((n.removeprefix("handle_"), n) for n in dir(handler) if n.startswith("handle_"))
     ehlo = dict(hooks).get("EHLO")
     if ehlo is not None and len(inspect.signature(getattr(handler, ehlo)).parameters) != 6:
