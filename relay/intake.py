@@ -82,6 +82,8 @@ class RelaySMTP(SMTP):
 
     _replying_to_ehlo = False
     _hooks_bound = False
+    _deadline = 0.0  # when the session times out (see _reset_timeout)
+    _armed_for = 0.0  # when its timer fires
 
     def __init__(self, handler: Any, **kwargs: Any) -> None:
         # aiosmtpd's constructor finds the smtp_*, auth_* and handle_* methods with dir(),
@@ -99,6 +101,25 @@ class RelaySMTP(SMTP):
         self._auth_methods = {
             name: _AuthMechAttr(getattr(self, attr), True) for name, attr in names.auth
         }
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels the idle timer and schedules a new one after every command; here
+        # the command moves a deadline and the one timer re-arms itself when it fires early.
+        loop = self.loop
+        self._deadline = loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or self._armed_for > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._armed_for = self._deadline
+            self._timeout_handle = loop.call_at(self._deadline, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._armed_for = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._on_deadline)
+            return
+        self._timeout_cb()  # type: ignore[no-untyped-call]
 
     def __dir__(self) -> list[str]:
         # Empty only while aiosmtpd's constructor scans it (see __init__).

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from relay.config import Config, Connector, DomainType
 
 DOMAIN_TYPE_KEY = "domain.type:"  # + domain name → "authoritative" | "internal_relay"
 CONNECTOR_ENABLED_KEY = "connector.enabled:"  # + connector name → "true" | "false"
+MEMO_SIZE = 4096  # answers a policy keeps (see Policy.memo)
 
 # Exchange Online's replies at RCPT (shared/reference/exchange-online.md).
 RCPT_OK = "250 2.1.5 Recipient OK"
@@ -28,6 +30,19 @@ class Policy:
     mailboxes: frozenset[str]
     connectors: tuple[Connector, ...]
     relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # Answers worked out before, by question: may_relay's by client address, routing's by
+    # domain. Parsing addresses and matching patterns for the same few clients and domains
+    # over and over was a few percent of the relay's CPU time; a policy is replaced, never
+    # changed, when the lab changes it, so the answers never go stale.
+    memo: dict[tuple[str, str], Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def remember(self, question: tuple[str, str], answer: Any) -> Any:
+        if len(self.memo) >= MEMO_SIZE:
+            self.memo.clear()
+        self.memo[question] = answer
+        return answer
 
     @classmethod
     def build(cls, config: Config, overrides: Mapping[str, str] | None = None) -> Policy:
@@ -59,6 +74,12 @@ class Policy:
         return self.domains.get(domain_of(address))
 
     def may_relay(self, client_ip: str) -> bool:
+        verdict = self.memo.get(("relay", client_ip))
+        if verdict is None:
+            verdict = self.remember(("relay", client_ip), self._may_relay(client_ip))
+        return bool(verdict)
+
+    def _may_relay(self, client_ip: str) -> bool:
         try:
             ip = ipaddress.ip_address(client_ip.split("%", 1)[0])
         except ValueError:

@@ -57,6 +57,13 @@ def route(address: str, policy: Policy) -> Route:
     domain = domain_of(address)
     if policy.is_mailbox(address):
         return Route(RouteKind.MAILBOX, domain)
+    known = policy.memo.get(("route", domain))
+    if known is not None:
+        return known  # type: ignore[no-any-return]
+    return policy.remember(("route", domain), _route_domain(domain, policy))  # type: ignore[no-any-return]
+
+
+def _route_domain(domain: str, policy: Policy) -> Route:
     for connector in policy.connectors:
         if connector.enabled and any(matches(p, domain) for p in connector.recipient_domains):
             return Route(RouteKind.CONNECTOR, domain, connector)

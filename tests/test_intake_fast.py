@@ -85,3 +85,32 @@ def test_four_argument_ehlo_hook_is_refused() -> None:
 
     with pytest.raises(TypeError, match="5-argument"):
         _method_names(RelaySMTP, Old)
+
+
+@pytest.mark.asyncio
+async def test_idle_timeout_counts_from_the_last_command() -> None:
+    """The session's idle timer (moved per command, re-armed when it fires early) still
+    closes a silent client, and only once it has been silent for the whole timeout."""
+    loop = asyncio.get_running_loop()
+    handler = _handler()
+    kwargs = {**KWARGS, "timeout": 0.4}
+    server = await loop.create_server(
+        lambda: RelaySMTP(handler, loop=loop, **kwargs), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await reader.readline()).startswith(b"220 ")
+        started = loop.time()
+        for _ in range(4):  # 0.2 s apart: each NOOP moves the deadline past the old one
+            await asyncio.sleep(0.2)
+            writer.write(b"NOOP\r\n")
+            assert (await reader.readline()).startswith(b"250 ")
+        assert loop.time() - started >= 0.8  # longer than one timeout, still open
+        silent = loop.time()
+        assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the server
+        assert 0.35 <= loop.time() - silent < 1.5
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

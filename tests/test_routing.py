@@ -118,3 +118,24 @@ def test_connector_routes_share_a_key_per_connector_and_mx_per_domain(policy: Po
     a, b = route("a@sub.partner.test", policy), route("b@partner.test", policy)
     assert a.key == b.key
     assert route("a@one.test", policy).key != route("a@two.test", policy).key
+
+
+def test_remembered_routes_follow_the_policy_they_came_from(policy: Policy) -> None:
+    """route() remembers its answer per domain in the policy; a changed policy (a new
+    object, as `relay connector disable` makes) answers afresh."""
+    first = route("a@onprem.contoso.test", policy)
+    assert route("b@ONPREM.contoso.test", policy) is first  # same domain: remembered
+    assert first.kind is RouteKind.CONNECTOR and first.label == "To on-premises"
+    changed = Policy.build(_config(), {CONNECTOR_ENABLED_KEY + "To on-premises": "false"})
+    assert route("a@onprem.contoso.test", changed).kind is RouteKind.MX
+    assert route("a@onprem.contoso.test", policy).label == "To on-premises"
+
+
+def test_policy_memo_stays_bounded(policy: Policy) -> None:
+    from relay.policy import MEMO_SIZE
+
+    for n in range(MEMO_SIZE + 10):
+        route(f"u@d{n}.example.test", policy)
+        assert policy.may_relay(f"192.0.2.{n % 250}") is False
+    assert len(policy.memo) <= MEMO_SIZE
+    assert policy.may_relay("127.0.0.1") is True
