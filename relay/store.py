@@ -264,7 +264,7 @@ class Store:
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
-        self._pending: list[tuple[Op | _Enqueue, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Op | _Enqueue | _Record, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._next_id = 0
         self.on_commit: list[Callable[[], None]] = []
@@ -334,7 +334,7 @@ class Store:
         self._next_id += 1
         return value
 
-    async def _write(self, op: Op | _Enqueue) -> Any:
+    async def _write(self, op: Op | _Enqueue | _Record) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
         if self._flusher is None or self._flusher.done():
@@ -348,13 +348,21 @@ class Store:
             try:
                 await self._conn.execute("BEGIN IMMEDIATE")
                 try:
-                    # All the sessions' messages in two statements, then the other writes.
+                    # All the sessions' messages in two statements, all the delivery
+                    # results in one or two, then the other writes in order.
                     arrivals = [op.message for op, _ in batch if isinstance(op, _Enqueue)]
                     if arrivals:
                         await _insert_messages(self._conn, arrivals)
+                    outcomes = [
+                        o for op, _ in batch if isinstance(op, _Record) for o in op.outcomes
+                    ]
+                    if outcomes:
+                        await _write_outcomes(self._conn, outcomes)
                     for op, _ in batch:
                         if isinstance(op, _Enqueue):
                             results.append(op.message.id)
+                        elif isinstance(op, _Record):
+                            results.append(None)
                         else:
                             results.append(await op(self._conn))
                     await self._conn.commit()
@@ -379,7 +387,7 @@ class Store:
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
         """Write attempt results (failures carry their NDR-owed flag)."""
-        await self._write(lambda conn: _write_outcomes(conn, outcomes))
+        await self._write(_Record(outcomes))
 
     async def bounces_due(self, *, limit: int = 200) -> list[int]:
         """Messages with recipients owed an NDR, oldest first."""
@@ -686,6 +694,13 @@ class _Enqueue:
     """A message waiting for the writer's next batch."""
 
     message: NewMessage
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """Delivery results waiting for the writer's next batch."""
+
+    outcomes: Sequence[Outcome]
 
 
 async def _insert_message(conn: aiosqlite.Connection, message: NewMessage) -> int:
