@@ -427,18 +427,18 @@ def _unknown_in_authoritative(address: str, policy: Policy) -> bool:
 
 
 def _chunks(items: list[_Item], messages: int) -> list[list[_Item]]:
-    """Split a route's work into runs of at most `messages` messages, arrival order kept."""
-    chunks: list[list[_Item]] = []
-    seen: set[int] = set()
+    """Split a route's work into k = ceil(n / `messages`) parts for parallel connections.
+
+    Message i (in arrival order) goes to part i mod k, so k connections working at the same
+    pace hand the destination its mail close to arrival order, not in k runs side by side;
+    each part keeps arrival order exactly, and a message's recipients stay together.
+    """
+    by_message: dict[int, list[_Item]] = {}
     for item in sorted(items, key=lambda i: (i.row.message, i.row.id)):
-        if item.row.message not in seen and len(seen) >= messages:
-            chunks.append([])
-            seen = set()
-        if not chunks:
-            chunks.append([])
-        seen.add(item.row.message)
-        chunks[-1].append(item)
-    return chunks
+        by_message.setdefault(item.row.message, []).append(item)
+    groups = list(by_message.values())
+    parts = -(-len(groups) // messages)  # ceil; 0 for no items
+    return [[item for group in groups[j::parts] for item in group] for j in range(parts)]
 
 
 def generated_message(
