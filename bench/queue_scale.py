@@ -32,9 +32,9 @@ B. **Comes back** (``--comeback`` M, default 10,000): M messages queued (through
    ``queue list --status delivered`` shows M, nothing queued or deferred), the time from
    the retry to the sink's last message and to an empty queue, the most simultaneous
    connections the sink saw (limit: ``CONNECTIONS_PER_ROUTE``, relay/delivery.py), and how far
-   the sink's arrival order is from queue order (the relay delivers a route over up to 10
-   parallel connections, so the global order interleaves; each connection's own order is
-   checked separately).
+   the sink's arrival order is from queue order (the relay deals a route's mail to up to 10
+   parallel connections in turn, so the global order is close to queue order but not exact;
+   each connection's own order is checked separately).
 
 Prints the exact commands and a table of figures with their targets; the exit status is
 1 if any target is missed. ``--keep`` keeps the directory (configs, logs, queue, sink
