@@ -383,6 +383,12 @@ else
     fail "the relay runs as uid '${uid}' (want non-root)"
 fi
 
+if loop=$(timeout 30 docker exec "$C1" python -c 'import uvloop; print(uvloop.__version__)' 2>&1); then
+    pass "the image has the fast extra (uvloop $loop), which relay serve runs on"
+else
+    fail "uvloop is missing from the image (want pip install '/src[fast]'): $loop"
+fi
+
 SWAKS_OUT=$WORK/swaks.out
 timeout 60 swaks --to alice@contoso.test --from bob@fabrikam.test --server "127.0.0.1:$PORT" \
     --header "Subject: docker-test $RUN_ID" --timeout 30 >"$SWAKS_OUT" 2>&1
