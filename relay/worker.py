@@ -192,10 +192,11 @@ class Worker:
                 self._in_flight.difference_update(ids)
                 counts = self._messages_in_flight
                 for message, n in messages.items():  # not `+= Counter()`: that walks them all
-                    if counts[message] <= n:
-                        del counts[message]
+                    left = counts[message] - n
+                    if left > 0:
+                        counts[message] = left
                     else:
-                        counts[message] -= n
+                        counts.pop(message, None)
                 self.wake()
 
         task = asyncio.create_task(run())
