@@ -258,6 +258,8 @@ class ScriptedPeer:
       sends bytes that are not a TLS record and hangs up (a broken TLS stack or middlebox);
     - `data_reply` is the final reply to DATA (default: accepted);
     - `pipelining` advertises PIPELINING (RFC 2920), as Postfix and Exchange do;
+    - `silent_at` ("MAIL", "RCPT", "DATA" or "." for the end of the content) stops answering
+      there, the session's first time, and keeps the connection open: a hung server;
     - `connections` counts TCP sessions and `commands` keeps each session's command lines.
     """
 
@@ -266,6 +268,7 @@ class ScriptedPeer:
     pipelining: bool = False
     rcpt_reply: Callable[[str], str] = lambda address: "250 2.1.5 OK"
     data_reply: str = "250 2.6.0 Queued"
+    silent_at: str = ""
     connections: int = 0
     commands: list[list[str]] = field(default_factory=list)
     received: list[Delivered] = field(default_factory=list)
@@ -318,10 +321,13 @@ class ScriptedPeer:
 
         send("220 peer.test ESMTP scripted peer")
         mail_from, rcpts = "", list[str]()
+        hang = self.silent_at if self.connections == 1 else ""
         while line := await reader.readline():
             text = line.decode("utf-8", "replace").rstrip("\r\n")
             verb = text.split(" ", 1)[0].upper()
             log.append(verb)
+            if verb == hang:
+                await asyncio.Event().wait()  # until the test stops the peer
             if verb == "EHLO":
                 extensions = ["8BITMIME", *(["PIPELINING"] if self.pipelining else [])]
                 if self.starttls != "none":
@@ -347,6 +353,9 @@ class ScriptedPeer:
                 send("354 go ahead")
                 await writer.drain()
                 data = await _read_data(reader)
+                if hang == ".":
+                    log.append(".")
+                    await asyncio.Event().wait()
                 if self.data_reply.startswith("2"):
                     self.received.append(Delivered(mail_from, tuple(rcpts), data))
                 send(self.data_reply)

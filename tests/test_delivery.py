@@ -329,6 +329,36 @@ async def test_the_reply_to_data_decides_for_every_accepted_recipient(
         assert len(await ndrs(relay)) == (1 if status is Status.FAILED else 0)
 
 
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA", "."])
+async def test_a_server_that_stops_answering_is_given_up_on_and_not_reused(
+    tmp_path: Path, lab: FaultLab, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """A hung server (connected, silent at one command) costs one command timeout: the
+    recipient is deferred with 4.4.315 and the stage in the reply, and the next message
+    opens a new connection instead of reusing the hung one (and takes the deferred one
+    along: the connector is back)."""
+    monkeypatch.setattr(delivery, "COMMAND_TIMEOUT", 1.0)
+    monkeypatch.setattr(delivery, "DATA_TIMEOUT", 1.0)
+    async with ScriptedPeer(silent_at=stage) as peer, _peer_relay(tmp_path, lab, peer) as relay:
+        first = await submit(relay, to="a@partner.test", subject="first")
+        await run_once(relay)
+        row = await recipient(relay, first)
+        assert row.status is Status.DEFERRED
+        assert row.last_error is not None
+        assert row.last_error.code == "4.4.315"
+        what = {"MAIL": "MAIL", "RCPT": "RCPT", "DATA": "DATA", ".": "DATA"}[stage]
+        assert f"did not answer {what} in time" in row.last_error.reply
+        assert peer.commands[0][-1] == stage
+
+        second = await submit(relay, to="b@partner.test", subject="second")
+        await run_once(relay)
+        assert (await recipient(relay, second)).status is Status.DELIVERED
+        assert peer.connections == 2
+        # The connector is back: its deferred mail goes at once, after the new message.
+        assert (await recipient(relay, first)).status is Status.DELIVERED
+        assert [d.rcpt_tos for d in peer.received] == [("b@partner.test",), ("a@partner.test",)]
+
+
 async def test_one_ndr_per_message_for_recipients_failing_in_one_pass(relay: Relay) -> None:
     """Two recipients of one message, two routes, both refused for good in the same pass."""
     queue_id = await submit(relay, to=["user@rcpt-550.lab.test", "user@nosuch.test"])
