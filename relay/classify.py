@@ -47,6 +47,12 @@ class Failure(StrEnum):
     CERT_NAME = "cert-name"
     CERT_UNTRUSTED = "cert-untrusted"
     CERT_INVALID = "cert-invalid"
+    # Not the destination's doing: the message cannot be carried by SMTP at all (an address
+    # holding a CR, say), so no retry can help; the agent raises it before sending anything.
+    UNSENDABLE = "unsendable"
+    # Nor this: the relay itself failed while delivering (an unexpected exception). The
+    # recipient waits for its next retry interval, with the reason as its last error.
+    INTERNAL = "internal"
 
 
 CERTIFICATE_FAILURES = frozenset(
@@ -108,6 +114,12 @@ _TABLE: dict[Failure, MailFlowCode] = {
     Failure.CERT_INVALID: codes.CERTIFICATE_VALIDATION_FAILED,
 }
 
+# RFC 3463: 5.1.7 bad sender's address, 5.1.3 bad destination address syntax, 5.6.0 other
+# media (content) error.
+_UNSENDABLE_STATUS = {Stage.MAIL: "5.1.7", Stage.RCPT: "5.1.3"}
+# Postfix's words for its own failure while handling a message (RFC 3463: 4.3.0).
+LOCAL_ERROR = "451 4.3.0 Error: local error in processing"
+
 # A recipient domain that does not exist fails at once, like Exchange Online's NDR.
 DOMAIN_NOT_FOUND = "550 5.4.310 DNS domain {domain} does not exist"
 
@@ -128,6 +140,30 @@ def classify(event: WireEvent) -> Outcome:
         )
     if event.failure is Failure.REPLY:
         return _remote_reply(event, endpoint)
+    if event.failure is Failure.UNSENDABLE:
+        status = _UNSENDABLE_STATUS.get(event.stage, "5.6.0")
+        line = f"550 {status} {event.detail}"
+        return Outcome(
+            Verdict.PERMANENT,
+            status,
+            "Message cannot be sent",
+            line,
+            None,
+            event.server,
+            endpoint,
+            final_reply=line,
+        )
+    if event.failure is Failure.INTERNAL:
+        line = f"{LOCAL_ERROR} ({event.detail})"
+        return Outcome(
+            Verdict.TRANSIENT,
+            "4.3.0",
+            "Local error in processing",
+            line,
+            None,
+            event.server,
+            endpoint,
+        )
     mail_flow = _TABLE[event.failure]
     line = codes.led(
         mail_flow,

@@ -37,8 +37,9 @@ TABLE: dict[Failure, tuple[Stage, codes.MailFlowCode]] = {
 }
 
 
-def test_the_table_covers_every_failure_but_replies_and_missing_domains() -> None:
-    assert set(TABLE) | {Failure.REPLY, Failure.DOMAIN_NXDOMAIN} == set(Failure)
+def test_the_table_covers_every_failure_but_replies_missing_domains_and_our_own() -> None:
+    ours = {Failure.UNSENDABLE, Failure.INTERNAL}  # the relay's doing, not the destination's
+    assert set(TABLE) | {Failure.REPLY, Failure.DOMAIN_NXDOMAIN} | ours == set(Failure)
 
 
 @pytest.mark.parametrize("failure", list(TABLE), ids=str)
@@ -225,3 +226,23 @@ def test_a_recipient_domain_that_does_not_exist_fails_at_once() -> None:
     assert outcome.reply == "550 5.4.310 DNS domain nosuch.test does not exist"
     assert outcome.final_reply == outcome.reply
     assert outcome.ip is None
+
+
+def test_unsendable_is_permanent_and_names_what_cannot_be_sent() -> None:
+    event = WireEvent(
+        Stage.RCPT, Failure.UNSENDABLE, "Invalid address: it holds a control character"
+    )
+    outcome = classify(event)
+    assert outcome.permanent
+    assert outcome.code == "5.1.3"
+    assert outcome.reply == "550 5.1.3 Invalid address: it holds a control character"
+    assert outcome.final_reply == outcome.reply
+    sender = classify(WireEvent(Stage.MAIL, Failure.UNSENDABLE, "Invalid sender"))
+    assert sender.code == "5.1.7" and sender.permanent
+
+
+def test_internal_error_is_transient_with_its_reason() -> None:
+    outcome = classify(WireEvent(Stage.DATA, Failure.INTERNAL, "ValueError: boom"))
+    assert not outcome.permanent
+    assert outcome.code == "4.3.0"
+    assert outcome.reply == "451 4.3.0 Error: local error in processing (ValueError: boom)"
