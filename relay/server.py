@@ -32,6 +32,9 @@ log = logging.getLogger("relay.server")
 
 WATCH_INTERVAL = 1.0  # the CLI's changes reach a running server within about a second
 ALERT_INTERVAL = 2.0
+# On stop, what is under way (a session in DATA, a delivery's transaction and the writing of
+# its result) gets this long to finish; only what is still running then is cut.
+SHUTDOWN_GRACE = 5.0
 
 
 class StartupError(Exception):
@@ -59,6 +62,7 @@ class Relay:
         self._alerter: asyncio.Task[None] | None = None
         self._changes = 0  # commits seen, ours and other processes'
         self._alert_deadline: float | None = None
+        self._stopped = False
 
     @property
     def db_path(self) -> Path:
@@ -223,24 +227,37 @@ class Relay:
             )
         return len(due)
 
-    async def stop(self) -> None:
-        for task in (self._watcher, self._alerter):
-            if task is not None:
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting and starting work, let what is under way finish within `grace`,
+        then close the queue. A second call does nothing.
+
+        The intake stops listening first; then it and the worker wind down side by side,
+        so the whole stop takes one grace, not two: sessions in DATA finish while the
+        deliveries start no new transaction and finish the ones under way, with their
+        results written. The store closes last, once nothing is left to write.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in (self._watcher, self._alerter, self._worker_task):
+            if task is not None:  # the worker's loop: nothing more is dispatched
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._server is not None:
-            await self._server.close()
-        if self._worker_task is not None:
-            self._worker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker_task
-        if self.worker is not None:
-            await self.worker.stop()
+        # gather starts its tasks in this order: the listening socket is closed first.
+        await asyncio.gather(self._close_intake(), self._stop_worker(grace))
         if self.store is not None:
             await self.store.close()
         if self._lock is not None:
             self._lock.close()
+
+    async def _close_intake(self) -> None:
+        if self._server is not None:
+            await self._server.close()
+
+    async def _stop_worker(self, grace: float) -> None:
+        if self.worker is not None:
+            await self.worker.stop(grace)
 
 
 async def serve(loaded: LoadedConfig) -> None:
@@ -264,4 +281,6 @@ async def serve(loaded: LoadedConfig) -> None:
         await stop.wait()
     finally:
         log.info("stopping")
+        started = time.monotonic()
         await relay.stop()
+        log.info("stopped in %.2fs", time.monotonic() - started)

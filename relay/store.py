@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import aiosqlite
 
 T = TypeVar("T")
 Op = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+log = logging.getLogger("relay.store")
 
 
 class Status(StrEnum):
@@ -264,7 +267,7 @@ class Store:
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
-        self._pending: list[tuple[Op | _Enqueue | _Record, asyncio.Future[Any]]] = []
+        self._pending: list[_Entry] = []
         self._flusher: asyncio.Task[None] | None = None
         self._next_id = 0
         self.on_commit: list[Callable[[], None]] = []
@@ -344,42 +347,76 @@ class Store:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            results: list[Any] = []
             try:
-                await self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    # All the sessions' messages in two statements, all the delivery
-                    # results in one or two, then the other writes in order.
-                    arrivals = [op.message for op, _ in batch if isinstance(op, _Enqueue)]
-                    if arrivals:
-                        await _insert_messages(self._conn, arrivals)
-                    outcomes = [
-                        o for op, _ in batch if isinstance(op, _Record) for o in op.outcomes
-                    ]
-                    if outcomes:
-                        await _write_outcomes(self._conn, outcomes)
-                    for op, _ in batch:
-                        if isinstance(op, _Enqueue):
-                            results.append(op.message.id)
-                        elif isinstance(op, _Record):
-                            results.append(None)
-                        else:
-                            results.append(await op(self._conn))
-                    await self._conn.commit()
-                except BaseException:
-                    await self._conn.rollback()
-                    raise
-            except Exception as exc:  # every session in the batch answers 451; nothing partial
-                error = StoreError(str(exc))
-                for _, future in batch:
+                results = await self._transaction(batch)
+            except Exception as exc:
+                committed = await self._one_by_one(batch, exc)
+            else:
+                for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
+                        future.set_result(result)
+                committed = True
+            if committed:
+                for listener in self.on_commit:
+                    listener()
+
+    async def _transaction(self, batch: Sequence[_Entry]) -> list[Any]:
+        """Run a batch in one transaction and return each op's result; nothing partial."""
+        conn = self._conn
+        results: list[Any] = []
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            # All the sessions' messages in two statements, all the delivery results in
+            # one or two, then the other writes in order.
+            arrivals = [op.message for op, _ in batch if isinstance(op, _Enqueue)]
+            if arrivals:
+                await _insert_messages(conn, arrivals)
+            outcomes = [o for op, _ in batch if isinstance(op, _Record) for o in op.outcomes]
+            if outcomes:
+                await _write_outcomes(conn, outcomes)
+            for op, _ in batch:
+                if isinstance(op, _Enqueue):
+                    results.append(op.message.id)
+                elif isinstance(op, _Record):
+                    results.append(None)
+                else:
+                    results.append(await op(conn))
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+        return results
+
+    async def _one_by_one(self, batch: Sequence[_Entry], error: Exception) -> bool:
+        """A batch failed: run each op in a transaction of its own, so that only an op
+        that fails alone fails (its session answers 451) and the others commit.
+
+        Separate transactions rather than a SAVEPOINT per op: the fast path stays one
+        transaction with no savepoints, and a failure at COMMIT (a full disk is found out
+        when the WAL is written, at commit) is pinned on the op that needed the space,
+        which a savepoint cannot do; SQLite may also roll back the whole transaction on
+        SQLITE_FULL or an I/O error, taking every savepoint with it. The price, one commit
+        per op, is paid only by a batch that failed. Returns True if anything committed.
+        """
+        if len(batch) == 1:  # nothing to tell apart
+            _, future = batch[0]
+            if not future.done():
+                future.set_exception(StoreError(str(error)))
+            return False
+        log.warning("a batch of %d writes failed (%s); writing them one by one", len(batch), error)
+        committed = False
+        for entry in batch:
+            future = entry[1]
+            try:
+                (result,) = await self._transaction([entry])
+            except Exception as exc:
                 if not future.done():
-                    future.set_result(result)
-            for listener in self.on_commit:
-                listener()
+                    future.set_exception(StoreError(str(exc)))
+                continue
+            committed = True
+            if not future.done():
+                future.set_result(result)
+        return committed
 
     async def enqueue(self, message: NewMessage) -> int:
         """Queue a message; returns its id once it is committed to disk."""
@@ -701,6 +738,10 @@ class _Record:
     """Delivery results waiting for the writer's next batch."""
 
     outcomes: Sequence[Outcome]
+
+
+# One write waiting for the writer, and the future its caller awaits.
+_Entry = tuple[Op | _Enqueue | _Record, "asyncio.Future[Any]"]
 
 
 async def _insert_message(conn: aiosqlite.Connection, message: NewMessage) -> int:

@@ -5,6 +5,11 @@ the CLI changes the queue or the clock jumps, and never holds more than a bounde
 recipients in memory. Each route is delivered by the agent over reused connections, at most
 `CONNECTIONS_PER_ROUTE` at a time. A failure is written together with its "NDR owed" flag;
 the bounce step then sends one NDR per message (the way Postfix's bounce service works).
+
+One message never holds up another: an unexpected exception while delivering it defers that
+message alone (4.3.0, to its next retry interval), and a result that cannot be written is
+written again later while its recipients stay in flight, never sent again meanwhile.
+`stop()` starts no new transaction and lets the ones under way finish and be recorded.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from relay import codes, mailbox, ndr
 from relay.classify import Failure, Outcome, Stage, WireEvent, classify
@@ -34,6 +40,7 @@ from relay.store import (
     RecipientRow,
     Status,
     Store,
+    StoreError,
 )
 from relay.store import Outcome as Result
 
@@ -48,6 +55,13 @@ MAX_SLEEP = 60.0  # re-check at least this often, in case a wake-up was missed
 PURGE_EVERY = 600.0
 NDR_HISTORY = 5  # the last attempts an NDR quotes
 PREFETCH_BYTES = 2_000_000  # a chunk's messages read at once when together no bigger
+# A result that could not be written (disk full) is tried again after this, doubling up to
+# RESULT_RETRY_MAX. Real time, not the relay's clock: a disk is freed in real time.
+RESULT_RETRY_FIRST = 0.5
+RESULT_RETRY_MAX = 30.0
+CANCEL_WAIT = 1.0  # after the grace, what cancelled tasks get to unwind (QUIT, logs)
+ERROR_DETAIL = 300  # characters of an unexpected exception's text kept in last_error
+IDS_LOGGED = 20  # message ids named in one log line
 
 # Fix now (an internal_relay domain made authoritative): queued mail for addresses that do
 # not exist there fails at once, as Exchange Online's recipient resolution does.
@@ -60,6 +74,33 @@ RECIPIENT_NOT_FOUND = (
 class _Item:
     row: RecipientRow
     route: Route
+
+
+@dataclass(slots=True)
+class _Work:
+    """One delivery task: its route, its recipients, the ones whose result is not written
+    yet, and the unexpected exceptions met on the way (logged once, when the task ends)."""
+
+    route: Route
+    rows: dict[int, RecipientRow]
+    unrecorded: dict[int, RecipientRow] = field(init=False)
+    failures: list[tuple[Exception, int]] = field(default_factory=list)  # (exception, message)
+
+    def __post_init__(self) -> None:
+        self.unrecorded = dict(self.rows)
+
+    def waiting(self, parcel: Parcel) -> list[RecipientRow]:
+        """The parcel's recipients whose result is not written yet."""
+        return [self.unrecorded[rid] for rid, _ in parcel.recipients if rid in self.unrecorded]
+
+    def recorded(self, recipients: Iterable[int]) -> None:
+        for rid in recipients:
+            self.unrecorded.pop(rid, None)
+
+
+class _Stopped(Exception):
+    """Raised into the agent when it asks for the next message's content after stop():
+    it asks right before each transaction, so none starts after the stop."""
 
 
 class Worker:
@@ -80,9 +121,10 @@ class Worker:
         self._agent = agent
         self._mailboxes = mailboxes
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._in_flight: set[int] = set()
         self._messages_in_flight: Counter[int] = Counter()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], tuple[int, ...]] = {}  # task: its message ids
         self._limits: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(CONNECTIONS_PER_ROUTE)
         )
@@ -98,7 +140,7 @@ class Worker:
     # ---- the loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             # Commits arrive in bursts; a few milliseconds gather them into fewer, larger
             # dispatches (more messages per connection, fewer queries per message).
             await asyncio.sleep(COALESCE)
@@ -120,21 +162,41 @@ class Worker:
 
     async def run_once(self) -> None:
         """Work until nothing is due now: tests drive the worker with this, never sleeping."""
-        while True:
+        while not self._stopping.is_set():
             await self._dispatch()
             if not self._tasks:
                 await self._bounce()
                 if not await self._store.due(now=self._clock.now(), limit=1):
                     return
                 continue
-            await asyncio.gather(*list(self._tasks))
+            await asyncio.wait(list(self._tasks))
 
     async def stop(self, timeout: float = 5.0) -> None:
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
-            for task in pending:  # unrecorded recipients stay due and are tried again
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Dispatch nothing more and start no new transaction; let the transactions under
+        way finish and their results be written within `timeout`, then cancel what is left.
+
+        Cutting a transaction after its content went would deliver it twice (the
+        destination has it, the queue does not know), so only what outlives the grace is
+        cut, and that is logged. Recipients not begun stay due for the next start.
+        """
+        self._stopping.set()
+        self.wake()
+        tasks = dict(self._tasks)
+        if tasks:
+            _, late = await asyncio.wait(list(tasks), timeout=timeout)
+            if late:
+                messages = sorted({m for task in late for m in tasks[task]})
+                log.error(
+                    "stop: %d delivery task(s) still running after the %gs grace are cancelled "
+                    "(%s); a transaction cut short may have reached its destination already, "
+                    "and these messages will be delivered again after the restart",
+                    len(late),
+                    timeout,
+                    _ids(messages),
+                )
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late, timeout=CANCEL_WAIT)
         await self._agent.close_idle(older_than=0)
 
     async def _sleep_time(self) -> float:
@@ -149,7 +211,7 @@ class Worker:
     async def _dispatch(self) -> bool:
         """Start work on what is due; True when there may be more due right now."""
         room = MAX_IN_FLIGHT - len(self._in_flight)
-        if room <= 0:
+        if room <= 0 or self._stopping.is_set():
             return False
         now = self._clock.now()
         limit = min(BATCH, room)
@@ -200,23 +262,67 @@ class Worker:
                 self.wake()
 
         task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = tuple(messages)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     # ---- delivery -----------------------------------------------------------------------
 
     async def _deliver(self, key: str, items: list[_Item]) -> None:
-        the_route = items[0].route
-        rows = {i.row.id: i.row for i in items}
-        parcels, sizes = await self._parcels(items)
-        async with self._limits[key]:
-            if the_route.kind is RouteKind.MAILBOX:
-                for parcel in parcels:
-                    await self._record(the_route, parcel, await self._to_mailboxes(parcel), rows)
+        work = _Work(items[0].route, {i.row.id: i.row for i in items})
+        try:
+            parcels, sizes = await self._parcels(items)
+            async with self._limits[key]:
+                if self._stopping.is_set():
+                    return  # not begun: the recipients stay due for the next start
+                if work.route.kind is RouteKind.MAILBOX:
+                    await self._to_local(work, parcels)
+                else:
+                    await self._to_remote(work, parcels, sizes)
+        except Exception as exc:  # before any parcel: reading the envelopes or the content
+            await self._defer(work, list(work.unrecorded.values()), exc, Stage.MAIL)
+        finally:
+            _log_failures(work)
+
+    async def _to_remote(self, work: _Work, parcels: list[Parcel], sizes: dict[int, int]) -> None:
+        content = await self._loader(sizes)
+        left = parcels
+        while left and not self._stopping.is_set():
+            try:
+                # Pull one parcel at a time and close the agent's generator on the way out
+                # (it QUITs): after a stop no further parcel is asked for.
+                stream = cast(
+                    AsyncGenerator[tuple[Parcel, Results], None],
+                    self._agent.deliver(work.route, left, content),
+                )
+                async with contextlib.aclosing(stream):
+                    async for parcel, results in stream:
+                        await self._record(work, parcel, results)
+                        if self._stopping.is_set():
+                            return
                 return
-            content = await self._loader(sizes)
-            async for parcel, results in self._agent.deliver(the_route, parcels, content):
-                await self._record(the_route, parcel, results, rows)
+            except _Stopped:
+                return
+            except Exception as exc:
+                # The agent sends in order, so the first parcel without a result is the one
+                # it was on. Only that one is deferred; the rest go on a fresh connection.
+                left = [p for p in left if work.waiting(p)]
+                if not left:
+                    work.failures.append((exc, 0))
+                    return
+                await self._defer(work, work.waiting(left[0]), exc, Stage.MAIL)
+                left = left[1:]
+
+    async def _to_local(self, work: _Work, parcels: list[Parcel]) -> None:
+        for parcel in parcels:
+            if self._stopping.is_set():
+                return  # between parcels: the rest stay due for the next start
+            try:
+                await self._record(work, parcel, await self._to_mailboxes(parcel))
+            except Exception as exc:
+                await self._defer(work, work.waiting(parcel), exc, Stage.DATA)
 
     async def _loader(self, sizes: dict[int, int]) -> Callable[[int], Awaitable[bytes]]:
         """Message content for the agent: small chunks read in one query, big ones one by one
@@ -226,6 +332,8 @@ class Worker:
             prefetched = await self._store.contents(list(sizes))
 
         async def content(message: int) -> bytes:
+            if self._stopping.is_set():
+                raise _Stopped
             data = prefetched.pop(message, None)
             return data if data is not None else await self._store.content(message)
 
@@ -266,14 +374,13 @@ class Worker:
                 )
         return results
 
-    async def _record(
-        self, the_route: Route, parcel: Parcel, results: Results, rows: dict[int, RecipientRow]
-    ) -> None:
+    async def _record(self, work: _Work, parcel: Parcel, results: Results) -> None:
+        the_route = work.route
         now = self._clock.now()
         written: list[Result] = []
         delivered = 0
         for rid, event in results.items():
-            row = rows[rid]
+            row = work.rows[rid]
             if event is None:
                 delivered += 1
                 written.append(Result(rid, Status.DELIVERED, now, the_route.label))
@@ -282,19 +389,10 @@ class Worker:
             error = _last_error(outcome, now)
             if outcome.permanent:
                 written.append(Result(rid, Status.FAILED, now, the_route.label, error=error))
-                continue
-            next_at = next_attempt_at(
-                attempts=row.attempts + 1,
-                now=now,
-                schedule=self._config.queue.retry_schedule,
-                expires_at=row.expires_at,
-            )
-            written.append(
-                Result(
-                    rid, Status.DEFERRED, now, the_route.label, next_attempt_at=next_at, error=error
-                )
-            )
-        await self._store.record(written)
+            else:
+                written.append(self._deferred(row, the_route.label, error, now))
+        await self._write(written, (parcel.message,))
+        work.recorded(results)
         self._bounce_pending |= any(w.status is Status.FAILED for w in written)
         if the_route.kind is RouteKind.CONNECTOR:
             await self._note_connector(the_route.label, delivered > 0, now)
@@ -306,13 +404,90 @@ class Worker:
                 the_route.label,
             )
 
+    def _deferred(self, row: RecipientRow, connector: str, error: LastError, now: float) -> Result:
+        """A transient failure: the recipient waits for its next retry interval."""
+        next_at = next_attempt_at(
+            attempts=row.attempts + 1,
+            now=now,
+            schedule=self._config.queue.retry_schedule,
+            expires_at=row.expires_at,
+        )
+        return Result(row.id, Status.DEFERRED, now, connector, next_attempt_at=next_at, error=error)
+
+    async def _defer(
+        self, work: _Work, rows: Sequence[RecipientRow], exc: Exception, stage: Stage
+    ) -> None:
+        """An unexpected exception while delivering these recipients: they wait for their
+        next retry interval (the attempt counts), with the exception as their last error.
+        Leaving them due would try them again at once: a hot loop, and being the oldest they
+        would lead every chunk of their route."""
+        work.failures.append((exc, rows[0].message if rows else 0))
+        if not rows:
+            return
+        now = self._clock.now()
+        error = _last_error(classify(WireEvent(stage, Failure.INTERNAL, _detail(exc))), now)
+        written = [self._deferred(row, work.route.label, error, now) for row in rows]
+        await self._write(written, sorted({row.message for row in rows}))
+        work.recorded(row.id for row in rows)
+
+    async def _write(self, written: list[Result], messages: Collection[int]) -> None:
+        """Write results, trying again with backoff while that fails (a full disk).
+
+        The recipients stay in flight meanwhile, so `due()` does not hand them out again:
+        giving up here would send the message again at once (the issue saw 300 deliveries
+        in 8 s). A stop cuts the wait short; the writes go on within its grace.
+        """
+        delay = RESULT_RETRY_FIRST
+        failed: StoreError | None = None
+        try:
+            while True:
+                try:
+                    await self._store.record(written)
+                except StoreError as exc:
+                    failed = exc
+                else:
+                    if failed is not None:
+                        log.info("wrote the results of %s after all", _ids(messages))
+                    return
+                log.warning(
+                    "could not write the results of %s (%s); trying again in %gs, "
+                    "without sending them again",
+                    _ids(messages),
+                    failed,
+                    delay,
+                )
+                await self._pause(delay)
+                delay = min(2 * delay, RESULT_RETRY_MAX)
+        except asyncio.CancelledError:
+            if failed is not None:
+                log.error(
+                    "stopped before the results of %s could be written (%s): after the "
+                    "restart they are tried again, and one delivered already arrives twice",
+                    _ids(messages),
+                    failed,
+                )
+            raise
+
+    async def _pause(self, delay: float) -> None:
+        """Wait before writing again; a stop request ends the wait, and within the grace
+        the writes are tried every RESULT_RETRY_FIRST."""
+        if self._stopping.is_set():
+            await asyncio.sleep(min(delay, RESULT_RETRY_FIRST))
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+
     async def _note_connector(self, name: str, delivered: bool, now: float) -> None:
         """When a connector comes back, its deferred mail goes now, in arrival order."""
         if not delivered:
             self._failing.add(name)
         elif name in self._failing:
+            try:
+                await self._store.retry_now(connector=name, now=now)
+            except StoreError as exc:  # the next delivery there tries again
+                log.warning("could not make %r's deferred mail due now: %s", name, exc)
+                return
             self._failing.discard(name)
-            await self._store.retry_now(connector=name, now=now)
 
     async def _give_up(self, rows: list[RecipientRow], now: float, *, reply: str | None) -> None:
         """Expire (reply None: the 550 follows the last mail flow code) or fail recipients."""
@@ -335,7 +510,7 @@ class Worker:
             written.append(
                 Result(row.id, status, now, row.connector, error=error, counts_attempt=False)
             )
-        await self._store.record(written)
+        await self._write(written, sorted({row.message for row in rows}))
         self._bounce_pending = True
 
     # ---- bounces ------------------------------------------------------------------------
@@ -415,6 +590,37 @@ class Worker:
         removed = await self._store.purge(before=now - self._config.queue.retention)
         if removed:
             log.info("purged %d finished message(s) older than the retention", removed)
+
+
+def _ids(messages: Collection[int]) -> str:
+    """Message ids for a log line: "id=3,7,9", at most IDS_LOGGED of them."""
+    shown = ",".join(str(m) for m in sorted(messages)[:IDS_LOGGED])
+    more = len(messages) - IDS_LOGGED
+    return f"id={shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def _log_failures(work: _Work) -> None:
+    """One line per task that met unexpected exceptions, with the first one's traceback."""
+    if not work.failures:
+        return
+    first = work.failures[0][0]
+    messages = {m for _, m in work.failures if m}
+    log.error(
+        "delivery via %s: %d local error(s) (%s); %s deferred to the next retry",
+        work.route.label,
+        len(work.failures),
+        _detail(first),
+        _ids(messages) if messages else "nothing",
+        exc_info=first,
+    )
+
+
+def _detail(exc: Exception) -> str:
+    """An unexpected exception as last_error's detail: escaped, since its text may hold
+    what a hostile envelope brought (CR, invalid UTF-8) and it goes to the store, the log
+    and the NDR; and short."""
+    text = f"{type(exc).__name__}: {exc}"[:ERROR_DETAIL]
+    return text.encode("unicode_escape").decode("ascii")
 
 
 def _last_error(outcome: Outcome, now: float) -> LastError:
