@@ -121,6 +121,15 @@ class SmtpConfig(_Section):
     tls_certificate: str = ""
     tls_key: str = ""
     require_tls: bool = False
+    # RFC 5321 section 4.5.3.2.7: a server waits at least 5 minutes for the next command;
+    # during DATA the wait is per read (section 4.5.3.2), not for the whole content.
+    idle_timeout: Duration = 300.0
+    # Open sessions at once, overall and per client address (0: no limit). 50 per client is
+    # Postfix's smtpd_client_connection_count_limit. 500 overall: ten clients at their limit,
+    # and with the worker's outbound connections still well under the usual soft limit of
+    # 1024 open files (Postfix's default_process_limit allows 100 smtpd processes).
+    max_connections: int = Field(default=500, ge=0)
+    max_connections_per_client: int = Field(default=50, ge=0)
 
     @field_validator("listen")
     @classmethod
@@ -172,6 +181,14 @@ class DnsConfig(_Section):
 
 class MailboxesConfig(_Section):
     path: str = "queue/mailboxes"
+    # The mailbox whose Maildir gets postmaster mail (RFC 5321 section 4.5.1); "" for
+    # postmaster@<default domain>, where the relay's NDRs come from.
+    postmaster: str = ""
+
+    @field_validator("postmaster")
+    @classmethod
+    def _postmaster(cls, value: str) -> str:
+        return _address(value) if value else value
 
 
 class DomainType(StrEnum):
@@ -274,6 +291,11 @@ class Config(_Section):
             if domain.type is DomainType.AUTHORITATIVE:
                 return domain.name
         return self.accepted_domains[0].name if self.accepted_domains else self.smtp.hostname
+
+    @property
+    def postmaster_mailbox(self) -> str:
+        """The mailbox postmaster mail is delivered to ([mailboxes] postmaster)."""
+        return self.mailboxes.postmaster or f"postmaster@{self.default_domain}"
 
 
 @dataclass(frozen=True)
@@ -430,6 +452,14 @@ def _duplicates(names: list[str]) -> set[str]:
     return {n for n in names if n in seen or seen.add(n)}  # type: ignore[func-returns-value]
 
 
+def _is_local(address: str, config: Config, mailboxes: list[str]) -> bool:
+    """A listed mailbox, or postmaster@ one of the accepted domains."""
+    local, _, domain = address.lower().rpartition("@")
+    if address.lower() in mailboxes:
+        return True
+    return local == "postmaster" and any(d.name == domain for d in config.accepted_domains)
+
+
 def _cross_check(loaded: LoadedConfig) -> Iterator[str]:
     config = loaded.config
     smtp = config.smtp
@@ -461,6 +491,13 @@ def _cross_check(loaded: LoadedConfig) -> Iterator[str]:
                 )
     for mailbox in sorted(_duplicates(all_mailboxes)):
         yield f"accepted_domains: the mailbox {_show(mailbox)} is listed twice"
+    postmaster = config.mailboxes.postmaster
+    if postmaster and not _is_local(postmaster, config, all_mailboxes):
+        yield (
+            f"mailboxes.postmaster = {_show(postmaster)}: not a mailbox; list it in its "
+            "domain's accepted_domains[].mailboxes, name postmaster@<an accepted domain>, "
+            'or leave it "" for postmaster@<default domain>'
+        )
 
     for name in sorted(_duplicates([c.name for c in config.connectors])):
         yield f"connectors: the name {_show(name)} is used twice; connector names must be unique"

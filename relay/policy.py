@@ -2,12 +2,14 @@
 lab's runtime changes (`relay domain set-type`, `relay connector disable`, Fix now) on top.
 
 Runtime changes live in the store's settings table under the keys below, so they survive
-restarts and reach a running server; `Policy.build` is pure.
+restarts and reach a running server; `Policy.build` is pure. It also holds the rules for
+what an envelope address may contain, and the intake's session limits from [smtp].
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,51 @@ RCPT_OK = "250 2.1.5 Recipient OK"
 RCPT_ACCESS_DENIED = "550 5.4.1 Recipient address rejected: Access denied"
 RCPT_RELAY_DENIED = "550 5.7.64 TenantAttribution; Relay Access Denied"
 
+# RFC 5321 section 4.5.1: every SMTP server takes mail for "postmaster", without a domain
+# and at each domain it serves, case-insensitively.
+POSTMASTER = "postmaster"
+
+# What no envelope field may hold: C0 controls (CR, LF, NUL...), DEL, C1 controls, the
+# Unicode line and paragraph separators, and lone surrogates, which is how aiosmtpd's
+# surrogateescape decoding of a command line shows bytes that are not UTF-8. Any of them in
+# a header, a file name or a log line could start a line of its own.
+UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str, replacement: str = "?") -> str:
+    """`text` with every UNSAFE character replaced, as Postfix's printable() does."""
+    return UNSAFE.sub(replacement, text) if UNSAFE.search(text) else text
+
+
+def escaped(text: str) -> str:
+    """`text` with every UNSAFE character written as an escape (for log lines): \\x0d for a
+    CR, and an undecodable byte as the \\xNN it was on the wire."""
+    return UNSAFE.sub(_escape, text) if UNSAFE.search(text) else text
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
+        code -= 0xDC00
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def has_routing_syntax(address: str) -> bool:
+    """Sender-specified routing in the local part: user%elsewhere@domain,
+    elsewhere!user@domain or "user@elsewhere"@domain (Postfix: allow_untrusted_routing)."""
+    local = address.rpartition("@")[0]
+    return "%" in local or "!" in local or "@" in local
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """The intake's per-session limits ([smtp] idle_timeout, max_connections,
+    max_connections_per_client; 0 for a connection limit means none)."""
+
+    idle_timeout: float = 300.0  # RFC 5321 section 4.5.3.2.7: at least 5 minutes
+    max_connections: int = 500
+    max_connections_per_client: int = 50  # Postfix's smtpd_client_connection_count_limit
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -30,6 +77,11 @@ class Policy:
     mailboxes: frozenset[str]
     connectors: tuple[Connector, ...]
     relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # The Maildir postmaster mail goes to, and the addresses that are postmaster (lowercase:
+    # "postmaster" and postmaster@<each accepted domain>).
+    postmaster: str = f"{POSTMASTER}@localhost"
+    postmasters: frozenset[str] = frozenset({POSTMASTER})
+    limits: SessionLimits = SessionLimits()
     # Answers worked out before, by question: may_relay's by client address, routing's by
     # domain. Parsing addresses and matching patterns for the same few clients and domains
     # over and over was a few percent of the relay's CPU time; a policy is replaced, never
@@ -65,10 +117,28 @@ class Policy:
             mailboxes=frozenset(m.lower() for d in config.accepted_domains for m in d.mailboxes),
             connectors=connectors,
             relay_networks=tuple(config.smtp.relay_networks),
+            postmaster=config.postmaster_mailbox,
+            postmasters=frozenset(
+                {POSTMASTER, *(f"{POSTMASTER}@{d.name}" for d in config.accepted_domains)}
+            ),
+            limits=SessionLimits(
+                idle_timeout=config.smtp.idle_timeout,
+                max_connections=config.smtp.max_connections,
+                max_connections_per_client=config.smtp.max_connections_per_client,
+            ),
         )
 
     def is_mailbox(self, address: str) -> bool:
-        return address.lower() in self.mailboxes
+        """A local mailbox: a listed one, or postmaster (delivered to `mailbox_for`)."""
+        lowered = address.lower()
+        return lowered in self.mailboxes or lowered in self.postmasters
+
+    def is_postmaster(self, address: str) -> bool:
+        return address.lower() in self.postmasters
+
+    def mailbox_for(self, address: str) -> str:
+        """The mailbox whose Maildir gets mail for this (local) address."""
+        return self.postmaster if address.lower() in self.postmasters else address
 
     def domain_type(self, address: str) -> DomainType | None:
         return self.domains.get(domain_of(address))
@@ -88,15 +158,25 @@ class Policy:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self.relay_networks)
 
-    def rcpt_reply(self, address: str, *, client_ip: str) -> str:
-        """Exchange Online's verdict on RCPT TO: accept, or the exact rejection."""
+    def rcpt_reply(self, address: str, *, client_ip: str, source_route: bool = False) -> str:
+        """Exchange Online's verdict on RCPT TO: accept, or the exact rejection.
+
+        `source_route`: the path had one (<@a,@b:user@domain>); the address is without it.
+        """
+        if self.is_postmaster(address):
+            return RCPT_OK  # RFC 5321 section 4.5.1: from any client
         kind = self.domain_type(address)
-        if kind is None:
-            return RCPT_OK if self.may_relay(client_ip) else RCPT_RELAY_DENIED
-        if self.is_mailbox(address) or kind is DomainType.INTERNAL_RELAY:
+        # Sender-specified routing from a client that may not relay is a relay attempt,
+        # whatever the domain (Postfix: allow_untrusted_routing = no, its default).
+        routed = source_route or has_routing_syntax(address)
+        if (kind is None or routed) and not self.may_relay(client_ip):
+            return RCPT_RELAY_DENIED
+        if kind is None or self.is_mailbox(address) or kind is DomainType.INTERNAL_RELAY:
             return RCPT_OK
         return RCPT_ACCESS_DENIED
 
 
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    """The domain, lowercase; "" for a bare local part (RCPT TO:<postmaster>)."""
+    _, at, domain = address.rpartition("@")
+    return domain.lower() if at else ""

@@ -54,9 +54,11 @@ def matches(pattern: str, domain: str) -> bool:
 
 
 def route(address: str, policy: Policy) -> Route:
-    domain = domain_of(address)
     if policy.is_mailbox(address):
-        return Route(RouteKind.MAILBOX, domain)
+        # Postmaster, bare or at any accepted domain, is delivered to one local Maildir
+        # (RFC 5321 section 4.5.1): route it as that mailbox.
+        return Route(RouteKind.MAILBOX, domain_of(policy.mailbox_for(address)))
+    domain = domain_of(address)
     known = policy.memo.get(("route", domain))
     if known is not None:
         return known  # type: ignore[no-any-return]

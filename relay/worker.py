@@ -361,7 +361,7 @@ class Worker:
                 await asyncio.to_thread(
                     mailbox.deliver,
                     self._mailboxes,
-                    address,
+                    self._policy().mailbox_for(address),
                     mail_from=parcel.mail_from,
                     content=content,
                 )

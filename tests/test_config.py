@@ -53,6 +53,11 @@ def test_embedded_default_parses() -> None:
     assert config.queue.retry_schedule == [60, 300, 900, 1800, 3600]
     assert [d.name for d in config.accepted_domains] == ["contoso.test", "onprem.contoso.test"]
     assert [c.name for c in config.connectors] == ["To on-premises"]
+    assert config.smtp.idle_timeout == 300
+    assert config.smtp.max_connections_per_client == 50
+    assert config.smtp.max_connections == 500
+    assert config.mailboxes.postmaster == ""
+    assert config.postmaster_mailbox == "postmaster@contoso.test"
     assert without_paths(config) == without_paths(
         Config.model_validate(tomllib.loads(EXAMPLE_CONFIG.read_text("utf-8")))
     )
@@ -285,6 +290,26 @@ ERROR_CASES: list[tuple[str, dict[str, Any], list[list[str]]]] = [
         "no authoritative domain",
         {"accepted_domains": domains()[1:], "alerts": {"notify": []}},
         [["accepted_domains", "authoritative"]],
+    ),
+    (
+        "bad idle timeout",
+        {"smtp": {"idle_timeout": "soon"}},
+        [['smtp.idle_timeout = "soon"', "5m"]],
+    ),
+    (
+        "negative connection limit",
+        {"smtp": {"max_connections_per_client": -1}},
+        [["smtp.max_connections_per_client = -1", "0"]],
+    ),
+    (
+        "postmaster not an address",
+        {"mailboxes": {"postmaster": "postmaster"}},
+        [["mailboxes.postmaster", "'postmaster'", "user@domain"]],
+    ),
+    (
+        "postmaster mailbox that is not a mailbox",
+        {"mailboxes": {"postmaster": "ops@contoso.test"}},
+        [['mailboxes.postmaster = "ops@contoso.test"', "accepted_domains", "mailboxes", '""']],
     ),
     (
         "two problems, two lines",

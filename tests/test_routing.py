@@ -139,3 +139,66 @@ def test_policy_memo_stays_bounded(policy: Policy) -> None:
         assert policy.may_relay(f"192.0.2.{n % 250}") is False
     assert len(policy.memo) <= MEMO_SIZE
     assert policy.may_relay("127.0.0.1") is True
+
+
+# ---- postmaster and sender-specified routing (issue 10) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["postmaster", "PostMaster", "postmaster@contoso.test", "POSTMASTER@onprem.contoso.test"],
+)
+def test_postmaster_is_a_mailbox_routed_to_the_postmaster_maildir(
+    policy: Policy, address: str
+) -> None:
+    """RFC 5321 section 4.5.1: postmaster, bare or at any accepted domain."""
+    assert policy.is_mailbox(address)
+    assert policy.mailbox_for(address) == "postmaster@contoso.test"
+    result = route(address, policy)
+    assert result.kind is RouteKind.MAILBOX
+    assert result.domain == "contoso.test"
+
+
+def test_other_addresses_are_their_own_maildir(policy: Policy) -> None:
+    assert policy.mailbox_for("Alice@Contoso.test") == "Alice@Contoso.test"
+    assert not policy.is_mailbox("postmaster@fabrikam.test")
+    assert not policy.is_mailbox("webmaster")
+
+
+def test_a_configured_postmaster_mailbox() -> None:
+    text = toml_dumps(
+        config_data(
+            Path("/nonexistent"),
+            connectors=CONNECTORS,
+            mailboxes={"postmaster": "Admin@Contoso.test"},
+        )
+    )
+    config = parse_config(text, source="test", base_dir=Path("/nonexistent")).config
+    assert Policy.build(config).mailbox_for("postmaster") == "Admin@contoso.test"
+
+
+def test_the_domain_of_a_bare_local_part_is_empty() -> None:
+    from relay.policy import domain_of
+
+    assert domain_of("postmaster") == ""
+    assert domain_of('"a@b"@Contoso.TEST') == "contoso.test"
+
+
+@pytest.mark.parametrize(
+    ("address", "source_route", "trusted", "expected"),
+    [
+        ("u%fabrikam.test@onprem.contoso.test", False, False, "550 5.7.64"),
+        ("fabrikam.test!u@onprem.contoso.test", False, False, "550 5.7.64"),
+        ('"u@fabrikam.test"@onprem.contoso.test', False, False, "550 5.7.64"),
+        ("u@onprem.contoso.test", True, False, "550 5.7.64"),
+        ("u%fabrikam.test@onprem.contoso.test", False, True, "250 2.1.5"),
+        ("u@onprem.contoso.test", True, True, "250 2.1.5"),
+        ("postmaster", False, False, "250 2.1.5"),
+    ],
+)
+def test_sender_specified_routing_needs_a_client_that_may_relay(
+    policy: Policy, address: str, source_route: bool, trusted: bool, expected: str
+) -> None:
+    client = "127.0.0.1" if trusted else "192.0.2.7"
+    reply = policy.rcpt_reply(address, client_ip=client, source_route=source_route)
+    assert reply.startswith(expected), reply
