@@ -28,7 +28,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, _AuthMechAttr, _DataState, syntax
 
 from relay.clock import Clock
-from relay.policy import UNSAFE, Policy, SessionLimits, escaped, printable
+from relay.policy import UNSAFE, Policy, escaped, printable
 from relay.routing import route
 from relay.store import NewMessage, NewRecipient, Store, StoreError
 
@@ -453,11 +453,21 @@ def _path_end(arg: str) -> int:
     return len(arg)
 
 
+@dataclass(frozen=True)
+class SessionLimits:
+    """The intake's per-session limits ([smtp] idle_timeout, max_connections,
+    max_connections_per_client; 0 for a connection limit means none)."""
+
+    idle_timeout: float = 300.0  # RFC 5321 section 4.5.3.2.7: at least 5 minutes
+    max_connections: int = 500
+    max_connections_per_client: int = 50  # Postfix's smtpd_client_connection_count_limit
+
+
 class _Gate:
     """Counts open sessions, overall and per client address (what Postfix's anvil(8) does
     for smtpd_client_connection_count_limit), and words the 421 for one too many."""
 
-    def __init__(self, *, hostname: str, limits: Callable[[], SessionLimits]) -> None:
+    def __init__(self, *, hostname: str, limits: SessionLimits) -> None:
         self._hostname = hostname
         self._limits = limits
         self._per_client: Counter[str] = Counter()
@@ -465,7 +475,7 @@ class _Gate:
 
     def admit(self, ip: str) -> str | None:
         """None, and the session is counted; or the 421 greeting that refuses it."""
-        limits = self._limits()
+        limits = self._limits
         per_client = limits.max_connections_per_client
         if per_client and self._per_client[ip] >= per_client:
             # Postfix smtpd's reply, word for word.
@@ -582,10 +592,6 @@ class IntakeHandler:
         self._max_recipients = max_recipients
         self._expiration = message_expiration
         self._require_tls = require_tls
-
-    def session_limits(self) -> SessionLimits:
-        """The idle timeout and connection limits ([smtp] in the config, via the policy)."""
-        return self._policy().limits
 
     async def handle_EHLO(
         self,
@@ -834,31 +840,12 @@ async def start_intake(
     max_message_size: int,
     tls: ssl.SSLContext | None,
     require_tls: bool,
-    idle_timeout: float | None = None,
-    max_connections: int | None = None,
-    max_connections_per_client: int | None = None,
+    limits: SessionLimits | None = None,
 ) -> IntakeServer:
-    """Listen on host:port; each connection gets its own RelaySMTP protocol instance.
-
-    The idle timeout and the connection limits are the config's ([smtp], read through the
-    handler's policy at each connection) unless given here.
-    """
+    """Listen on host:port; each connection gets its own RelaySMTP protocol instance, and
+    `limits` ([smtp] idle_timeout and the connection limits) hold for all of them."""
     loop = asyncio.get_running_loop()
-
-    def limits() -> SessionLimits:
-        configured = handler.session_limits()
-        return SessionLimits(
-            idle_timeout=configured.idle_timeout if idle_timeout is None else idle_timeout,
-            max_connections=(
-                configured.max_connections if max_connections is None else max_connections
-            ),
-            max_connections_per_client=(
-                configured.max_connections_per_client
-                if max_connections_per_client is None
-                else max_connections_per_client
-            ),
-        )
-
+    limits = limits or SessionLimits()
     gate = _Gate(hostname=hostname, limits=limits)
     intake = IntakeServer(hostname=hostname, gate=gate)
 
@@ -873,7 +860,7 @@ async def start_intake(
             ident=f"{BANNER_IDENT} at {rfc5322_date(time.time())}",
             tls_context=tls,
             require_starttls=False,  # handle_MAIL answers 530 5.7.0 itself
-            timeout=limits().idle_timeout,
+            timeout=limits.idle_timeout,
             loop=loop,
         )
         intake.sessions.add(session)

@@ -3,7 +3,7 @@ lab's runtime changes (`relay domain set-type`, `relay connector disable`, Fix n
 
 Runtime changes live in the store's settings table under the keys below, so they survive
 restarts and reach a running server; `Policy.build` is pure. It also holds the rules for
-what an envelope address may contain, and the intake's session limits from [smtp].
+what an envelope address may contain.
 """
 
 from __future__ import annotations
@@ -62,16 +62,6 @@ def has_routing_syntax(address: str) -> bool:
 
 
 @dataclass(frozen=True)
-class SessionLimits:
-    """The intake's per-session limits ([smtp] idle_timeout, max_connections,
-    max_connections_per_client; 0 for a connection limit means none)."""
-
-    idle_timeout: float = 300.0  # RFC 5321 section 4.5.3.2.7: at least 5 minutes
-    max_connections: int = 500
-    max_connections_per_client: int = 50  # Postfix's smtpd_client_connection_count_limit
-
-
-@dataclass(frozen=True)
 class Policy:
     domains: Mapping[str, DomainType]
     mailboxes: frozenset[str]
@@ -81,7 +71,6 @@ class Policy:
     # "postmaster" and postmaster@<each accepted domain>).
     postmaster: str = f"{POSTMASTER}@localhost"
     postmasters: frozenset[str] = frozenset({POSTMASTER})
-    limits: SessionLimits = SessionLimits()
     # Answers worked out before, by question: may_relay's by client address, routing's by
     # domain. Parsing addresses and matching patterns for the same few clients and domains
     # over and over was a few percent of the relay's CPU time; a policy is replaced, never
@@ -120,11 +109,6 @@ class Policy:
             postmaster=config.postmaster_mailbox,
             postmasters=frozenset(
                 {POSTMASTER, *(f"{POSTMASTER}@{d.name}" for d in config.accepted_domains)}
-            ),
-            limits=SessionLimits(
-                idle_timeout=config.smtp.idle_timeout,
-                max_connections=config.smtp.max_connections,
-                max_connections_per_client=config.smtp.max_connections_per_client,
             ),
         )
 

@@ -21,7 +21,7 @@ from relay import alerts
 from relay.clock import Clock
 from relay.config import LoadedConfig
 from relay.delivery import Agent
-from relay.intake import IntakeHandler, IntakeServer, start_intake, tls_context
+from relay.intake import IntakeHandler, IntakeServer, SessionLimits, start_intake, tls_context
 from relay.policy import Policy
 from relay.resolve import Resolver
 from relay.runtime import load_clock_offset, load_policy
@@ -123,6 +123,11 @@ class Relay:
             max_message_size=smtp.max_message_size,
             tls=tls,
             require_tls=smtp.require_tls,
+            limits=SessionLimits(
+                idle_timeout=smtp.idle_timeout,
+                max_connections=smtp.max_connections,
+                max_connections_per_client=smtp.max_connections_per_client,
+            ),
         )
         self.worker = Worker(
             store=store,
@@ -245,15 +250,15 @@ class Relay:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         # gather starts its tasks in this order: the listening socket is closed first.
-        await asyncio.gather(self._close_intake(), self._stop_worker(grace))
+        await asyncio.gather(self._close_intake(grace), self._stop_worker(grace))
         if self.store is not None:
             await self.store.close()
         if self._lock is not None:
             self._lock.close()
 
-    async def _close_intake(self) -> None:
+    async def _close_intake(self, grace: float) -> None:
         if self._server is not None:
-            await self._server.close()
+            await self._server.close(grace=grace)
 
     async def _stop_worker(self, grace: float) -> None:
         if self.worker is not None:
