@@ -380,8 +380,9 @@ class Sent:
 
 
 class Senders:
-    """`count` threads sending one message per connection until stopped (or `limit` sent);
-    each result is recorded with the tag current when the message was started."""
+    """`count` threads sending one message per connection until stopped (or `limit` sent),
+    at most `rate` messages a second together if given; each result is recorded with the
+    tag current when the message was started."""
 
     def __init__(
         self,
@@ -391,9 +392,11 @@ class Senders:
         prefix: str,
         size: int = 2048,
         limit: int | None = None,
+        rate: float | None = None,
         pause_when_down: float = 0.05,
     ) -> None:
         self.port, self.prefix, self.size, self.limit = port, prefix, size, limit
+        self.interval = count / rate if rate else 0.0  # per thread
         self.pause = pause_when_down
         self.tag = 0
         self.sent: list[Sent] = []
@@ -424,7 +427,11 @@ class Senders:
             return None if self.limit is not None and n >= self.limit else n
 
     def _run(self, thread: int) -> None:
+        due = time.monotonic()
         while not self._stop.is_set():
+            if self.interval:
+                due += self.interval
+                self._stop.wait(max(0.0, due - time.monotonic()))
             n = self._next()
             if n is None:
                 return

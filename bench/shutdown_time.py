@@ -9,10 +9,10 @@ Each round, in a new directory under /tmp, on loopback:
    when its final dot arrives and answers 250 only ``--sink-delay`` seconds (0.3) later;
 2. ``relay --config <dir>/relay.toml serve`` with one connector to it (the relay opens up to
    10 connections to one route, so about 33 messages a second get through);
-3. ``--senders`` threads (8) send ``--messages`` (600) 2 KB messages, one per connection,
-   and keep sending while the relay stops;
+3. ``--senders`` threads (8) send up to ``--messages`` (1500) 2 KB messages, one per connection,
+   ``--rate`` (200) a second together, and keep sending while the relay stops;
 4. once ``--queued`` (200) are acknowledged and deliveries are in flight at the sink,
-   SIGTERM; measured: the seconds from the signal until the process has exited, its exit
+   and ``--settle`` seconds (1) later, so that all the route's connections are busy, SIGTERM; measured: the seconds from the signal until the process has exited, its exit
    status, how many deliveries the sink was holding (dot received, 250 not yet sent) at
    the signal, and how many acknowledged messages were still undelivered;
 5. the relay is started again on the same queue and left to drain (at most
@@ -60,7 +60,9 @@ def one_round(args: argparse.Namespace, number: int, commands: list[str]) -> Rou
     workdir = Path(tempfile.mkdtemp(prefix=f"relay-shutdown-{number}-"))
     sink = CountingSink(delay=args.sink_delay)
     relay = RelayServe(workdir, "shutdown_time.py", sink.port)
-    senders = Senders(relay.port, count=args.senders, prefix=f"st{number}", limit=args.messages)
+    senders = Senders(
+        relay.port, count=args.senders, prefix=f"st{number}", limit=args.messages, rate=args.rate
+    )
     try:
         relay.start()
         commands.append(cmdline(relay.argv))
@@ -68,6 +70,7 @@ def one_round(args: argparse.Namespace, number: int, commands: list[str]) -> Rou
         busy = sink.wait(lambda s: s.in_flight > 0, 60) and _wait_acked(senders, args.queued, 60)
         if not busy:
             log(f"round {number}: the load did not build up within 60s; SIGTERM anyway")
+        time.sleep(args.settle)  # every connection of the route busy, not just the first
         in_flight, delivered = sink.in_flight, sink.total()
         acked = senders.count(ACKED)
         code, took = relay.terminate(timeout=args.stop_timeout)
@@ -135,9 +138,10 @@ def report(args: argparse.Namespace, rounds: list[Round], commands: list[str]) -
         "",
         f"median over {len(rounds)} rounds: SIGTERM → exit {stop:.2f}s, sent twice {twice:g}; "
         f"exit statuses {[r.exit_code for r in rounds]}; lost {sum(r.lost for r in rounds)}",
-        f"sink answers {args.sink_delay:g}s after the final dot; {args.senders} senders, "
-        f"{args.messages} messages per round, SIGTERM once {args.queued} were acknowledged "
-        "and deliveries were in flight",
+        f"sink answers {args.sink_delay:g}s after the final dot; {args.senders} senders at "
+        f"{args.rate:g} msg/s, "
+        f"at most {args.messages} messages per round, SIGTERM {args.settle:g}s after {args.queued} were "
+        "acknowledged and deliveries were in flight",
     ]
     return "\n".join(lines)
 
@@ -147,10 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds; the figures are medians (3)")
-    p.add_argument("--messages", type=int, default=600, help="messages sent per round (600)")
+    p.add_argument(
+        "--messages", type=int, default=1500, help="at most this many sent per round (1500)"
+    )
     p.add_argument("--queued", type=int, default=200, help="acknowledged before SIGTERM (200)")
     p.add_argument("--senders", type=int, default=8, help="sending threads (8)")
+    p.add_argument("--rate", type=float, default=200, help="messages/s, all senders (200)")
     p.add_argument("--sink-delay", type=float, default=0.3, help="seconds before the 250 (0.3)")
+    p.add_argument(
+        "--settle", type=float, default=1.0, help="seconds from then until SIGTERM (1.0)"
+    )
     p.add_argument("--stop-timeout", type=float, default=60, help="SIGKILL after this (60)")
     p.add_argument("--drain-timeout", type=float, default=180, help="seconds (180)")
     p.add_argument("--keep", action="store_true", help="keep every round's directory")
