@@ -9,6 +9,7 @@ characters and valid UTF-8, and log lines show client text escaped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -17,7 +18,6 @@ import re
 import ssl
 import time
 import weakref
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -142,6 +142,11 @@ class RelaySMTP(SMTP):
         # intake's CPU time. It is given nothing to scan (no handler, an empty dir()), and
         # the same tables are filled from names looked up once per class (see
         # _method_names; tests/test_intake_fast.py checks them against aiosmtpd's own).
+        # aiosmtpd keeps the per-command line limits in a dict on the class: every session's
+        # EHLO grew MAIL's limit for all sessions and every new connection reset it for all.
+        # Each session gets its own (RFC 5321 section 4.5.3.1.4: 512 octets, plus what
+        # SIZE= and SMTPUTF8 add once advertised, RFC 1870 and RFC 6531 section 3.4).
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(_NO_HOOKS, **kwargs)
         self._hooks_bound = True
         self.event_handler = handler
@@ -235,6 +240,8 @@ class RelaySMTP(SMTP):
         if hostname and UNSAFE.search(hostname):
             await self.push(BAD_HELO)
             return
+        # A second EHLO must not grow MAIL's limit again (aiosmtpd adds to it per EHLO).
+        self.command_size_limits.clear()
         # RFC 2034 section 3: the EHLO reply lines carry no enhanced codes.
         self._replying_to_ehlo = True
         try:
@@ -470,7 +477,7 @@ class _Gate:
     def __init__(self, *, hostname: str, limits: SessionLimits) -> None:
         self._hostname = hostname
         self._limits = limits
-        self._per_client: Counter[str] = Counter()
+        self._per_client: collections.Counter[str] = collections.Counter()
         self.open = 0
 
     def admit(self, ip: str) -> str | None:

@@ -23,7 +23,16 @@ import pytest
 from relay import mailbox
 from relay.server import Relay
 from tests.delivery_support import maildir_messages
-from tests.helpers import HOST, QUEUED_RE, StartRelay, make_message, queued_id
+from tests.helpers import (
+    HOST,
+    QUEUED_RE,
+    StartRelay,
+    command,
+    make_message,
+    queued_id,
+    reply_text,
+    smtp_client,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -356,3 +365,23 @@ async def test_the_stored_subject_holds_no_control_characters(relay_server: Rela
     stored = await relay_server.store.get_message(queued_id(final))
     assert stored is not None
     assert stored.subject == "Invoice X-Evil: 1?[2J due"
+
+
+async def test_one_sessions_ehlo_does_not_raise_another_sessions_line_limit(
+    relay_server: Relay,
+) -> None:
+    """aiosmtpd keeps its per-command line limits on the class; a session's EHLOs must not
+    let another session (or a later command of its own) send longer lines than RFC 5321
+    section 4.5.3.1.4 allows (512 octets, plus SIZE= and SMTPUTF8 once advertised)."""
+    long_mail = "MAIL FROM:<" + "a" * 680 + "@contoso.test>"  # about 700 octets
+    async with smtp_client(relay_server.port) as other, smtp_client(relay_server.port) as client:
+        for _ in range(20):
+            assert (await other.ehlo(hostname="other.fabrikam.test")).code == 250
+        reply = await command(client, long_mail)
+        assert reply.code == 500 and "too long" in reply.message, reply_text(reply)
+        for _ in range(20):
+            assert (await client.ehlo(hostname="client.fabrikam.test")).code == 250
+        reply = await command(client, long_mail)
+        assert reply.code == 500 and "too long" in reply.message, reply_text(reply)
+        reply = await command(client, "MAIL FROM:<alice@fabrikam.test>")
+        assert reply.code == 250, reply_text(reply)
