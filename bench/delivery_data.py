@@ -25,19 +25,15 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relay.config import Connector, TlsPolicy  # noqa: E402
-from relay.delivery import Agent, Parcel  # noqa: E402
-from relay.resolve import Resolver  # noqa: E402
-from relay.routing import Route, RouteKind  # noqa: E402
+from relay.config import Connector, TlsPolicy
+from relay.delivery import Agent, Parcel
+from relay.resolve import Resolver
+from relay.routing import Route, RouteKind
 
 
 def free_port() -> int:
@@ -104,7 +100,10 @@ def agent() -> Agent:
 
 async def hot(messages: int, rounds: int, size: int) -> None:
     content = message(size)
-    parcels = [Parcel(n, "bench@source.bench.test", ((n, f"{n}@sink.bench.test"),)) for n in range(messages)]
+    parcels = [
+        Parcel(n, "bench@source.bench.test", ((n, f"{n}@sink.bench.test"),))
+        for n in range(messages)
+    ]
     walls: list[float] = []
     cpus: list[float] = []
     with sink() as port:
@@ -135,15 +134,25 @@ def vm(field: str) -> int:
     raise KeyError(field)
 
 
+def reset_peak() -> None:
+    """VmHWM := VmRSS (Linux 4.0+, proc(5) clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 async def rss(size: int) -> None:
     content = message(size)
     parcels = [Parcel(1, "bench@source.bench.test", ((1, "big@sink.bench.test"),))]
     with sink() as port:
         route = route_to(port)
         the_agent = agent()
-        await deliver(the_agent, route, [Parcel(0, "bench@source.bench.test", ((0, "warm@sink.bench.test"),))], b"warm up\r\n")
+        await deliver(
+            the_agent,
+            route,
+            [Parcel(0, "bench@source.bench.test", ((0, "warm@sink.bench.test"),))],
+            b"warm up\r\n",
+        )
         gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        reset_peak()
         before = vm("VmRSS")
         delivered = await deliver(the_agent, route, parcels, content)
         peak = vm("VmHWM")
@@ -169,7 +178,6 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("smtp-sink") is None:
         raise SystemExit("needs Postfix's smtp-sink (Debian package postfix)")
-    tempfile.tempdir = None
     if args.what == "hot":
         asyncio.run(hot(args.messages, args.rounds, args.size))
     else:
