@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,6 +22,7 @@ from aiosmtplib import (
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
     SMTPException,
+    SMTPResponse,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
@@ -46,6 +48,16 @@ REQUIRED_TLS = frozenset(
 _EXPIRED = {10, 12}  # certificate / CRL has expired
 _UNTRUSTED = {2, 18, 19, 20, 21, 27}
 
+# RFC 5321 section 4.5.3.1.3: a reverse- or forward-path, "<" and ">" included, is at most
+# 256 octets. Keeping to it also keeps every MAIL and RCPT we send (with SIZE, BODY and
+# SMTPUTF8) inside the 512-octet command line of section 4.5.3.1.4.
+MAX_PATH = 256
+# C0 controls and DEL: RFC 5321 section 4.1.2 allows none of them in a path, not even
+# quoted (qtextSMTP and quoted-pairSMTP are %d32-126), and a CR or LF would end the
+# command line early (section 2.3.8). aiosmtplib refuses the same set with a ValueError.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\r": "CR", "\n": "LF", "\x00": "NUL", "\t": "TAB", "\x7f": "DEL"}
+
 
 @dataclass(frozen=True, slots=True)
 class Parcel:
@@ -58,6 +70,70 @@ class Parcel:
 
 # Per recipient row id: None when the destination accepted it, else what went wrong.
 Results = dict[int, WireEvent | None]
+
+
+def unsendable(address: str) -> str | None:
+    """Why `address` cannot be carried in a MAIL or RCPT command line, or None if it can.
+
+    Only what the protocol itself cannot carry: control characters (RFC 5321 sections
+    2.3.8 and 4.1.2), text that is not UTF-8 (RFC 6531 section 3.3 carries UTF-8 only), a
+    path over 256 octets (section 4.5.3.1.3). Anything else (syntax, non-ASCII without
+    SMTPUTF8) is for the destination to answer: it replies, per recipient.
+    """
+    if not address.isprintable():  # cheap for the usual address; controls are unprintable
+        control = _CONTROL.search(address)
+        if control is not None:
+            char = control.group()
+            name = _CONTROL_NAMES.get(char) or f"U+{ord(char):04X}"
+            return (
+                f"holds a control character ({name}), which no SMTP command can carry "
+                "(RFC 5321 sections 2.3.8 and 4.1.2)"
+            )
+    try:
+        octets = len(address) if address.isascii() else len(address.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (RFC 6531 section 3.3)"
+    if octets + 2 > MAX_PATH:
+        return f"makes a path of {octets + 2} octets; RFC 5321 section 4.5.3.1.3 allows {MAX_PATH}"
+    return None
+
+
+def _shown(address: str) -> str:
+    """An address for a reply line or a log: quoted, escaped to ASCII, cut when long."""
+    return ascii(address) if len(address) <= 80 else ascii(address[:60]) + "..."
+
+
+def _escaped(text: str) -> str:
+    """Exception text for a last error line: control characters as \\xNN, one line."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.strip())
+
+
+def screen(parcel: Parcel) -> tuple[Parcel | None, Results]:
+    """The part of a parcel SMTP can carry (None: nothing), and events for the rest.
+
+    A sender that cannot be carried fails every recipient at MAIL (RFC 3463 5.1.7); a
+    recipient that cannot fails alone at RCPT (5.1.3) and the others are still sent.
+    Without this, aiosmtplib raises ValueError mid-transaction for every attempt: one
+    such message, always the oldest, stopped all mail for its connector (issue 10).
+    """
+    why = unsendable(parcel.mail_from)
+    if why is not None:
+        event = WireEvent(
+            Stage.MAIL, Failure.UNSENDABLE, f"Sender address {_shown(parcel.mail_from)} {why}"
+        )
+        log.warning("id=%d: %s; not sent", parcel.message, event.detail)
+        return None, {rid: event for rid, _ in parcel.recipients}
+    results: Results = {}
+    for rid, address in parcel.recipients:
+        why = unsendable(address)
+        if why is not None:
+            detail = f"Recipient address {_shown(address)} {why}"
+            results[rid] = WireEvent(Stage.RCPT, Failure.UNSENDABLE, detail)
+            log.warning("id=%d: %s; not sent", parcel.message, detail)
+    if not results:
+        return parcel, results
+    rest = tuple((rid, a) for rid, a in parcel.recipients if rid not in results)
+    return (Parcel(parcel.message, parcel.mail_from, rest) if rest else None), results
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,45 +227,75 @@ class Agent:
         to it afterwards (Postfix's connection cache). When the destination cannot be
         reached, or the session breaks, every parcel not yet sent gets the same event: the
         destination is down for all of them (Exchange puts the whole queue in retry).
+
+        One parcel never stops the others: addresses SMTP cannot carry fail before anything
+        is sent (`screen`), and an unexpected exception fails only the parcel it hit; the
+        connection it left in an unknown state is closed, and the next parcel opens another.
+
+        Closed at a yield (the worker stopping: aclosing), the connection is between two
+        transactions and gets a QUIT; one interrupted inside a transaction is closed.
         """
-        session = self._cached(route.key)
-        try:
-            if session is None:
-                session = await self._open(await self.target(route))
-        except SessionBroken as broken:  # the route's hosts could not be found or reached
-            for parcel in parcels:
-                yield parcel, {rid: broken.event for rid, _ in parcel.recipients}
-            return
-        healthy = False
+        session: Session | None = None
+        fresh = False  # skip the cache: a cached connection has just been found dead
+        finished = False
         try:
             index = 0
             while index < len(parcels):
                 parcel = parcels[index]
+                sendable, results = screen(parcel)
+                if sendable is None:
+                    index += 1
+                    yield parcel, results
+                    continue
                 try:
-                    results = await session.send(parcel, await content(parcel.message))
+                    data = await content(parcel.message)
+                except Exception as exc:  # the queue's failure, not this message's
+                    log.error("id=%d: reading the content failed", parcel.message, exc_info=exc)
+                    detail = (
+                        f"reading the content failed: {type(exc).__name__}: {_escaped(str(exc))}"
+                    )
+                    event = WireEvent(Stage.DATA, Failure.INTERNAL, detail)
+                    results.update({rid: event for rid, _ in sendable.recipients})
+                    index += 1
+                    yield parcel, results
+                    continue
+                try:
+                    if session is None:
+                        cached = None if fresh else self._cached(route.key)
+                        session = cached or await self._open(await self.target(route))
+                    results.update(await session.send(sendable, data))
                 except SessionBroken as broken:
-                    await session.close()
-                    if session.reused and broken.event.failure is Failure.CLOSED:
+                    retry = session is not None and session.reused
+                    if session is not None:
+                        await session.close()
+                        session = None
+                    if retry and broken.event.failure is Failure.CLOSED:
                         # A cached connection the server had closed says nothing about the
                         # destination: open a fresh one and send this parcel again.
-                        try:
-                            session = await self._open(await self.target(route))
-                        except SessionBroken as again:
-                            broken = again
-                        else:
-                            continue
+                        fresh = True
+                        continue
                     for rest in parcels[index:]:
-                        yield rest, {rid: broken.event for rid, _ in rest.recipients}
+                        _, early = screen(rest)
+                        events = {rid: broken.event for rid, _ in rest.recipients}
+                        yield rest, {**events, **early}
                     return
-                session.reused = False
+                del data
+                if session.in_transaction:  # an unexpected exception: state unknown
+                    await session.close()
+                    session = None
+                else:
+                    session.reused = False
                 index += 1
                 yield parcel, results
-            healthy = True
+            finished = True
         finally:
-            if healthy:
-                self._park(route.key, session)
-            else:
-                await session.quit()
+            if session is not None:
+                if finished and not session.in_transaction:
+                    self._park(route.key, session)
+                elif session.in_transaction:
+                    await session.close()
+                else:
+                    await session.quit()
 
     @property
     def has_idle(self) -> bool:
@@ -200,7 +306,8 @@ class Agent:
         idle = self._idle.get(key, [])
         while idle:
             parked_at, session = idle.pop()
-            if time.monotonic() - parked_at < CACHE_TIME_LIMIT and session.smtp.is_connected:
+            fresh = time.monotonic() - parked_at < CACHE_TIME_LIMIT
+            if fresh and session.smtp.is_connected and not session.in_transaction:
                 session.reused = True
                 return session
             session.smtp.close()
@@ -208,7 +315,8 @@ class Agent:
 
     def _park(self, key: str, session: Session) -> None:
         idle = self._idle.setdefault(key, [])
-        if len(idle) >= CONNECTIONS_PER_ROUTE or not session.smtp.is_connected:
+        full = len(idle) >= CONNECTIONS_PER_ROUTE
+        if full or not session.smtp.is_connected or session.in_transaction:
             session.smtp.close()
             return
         idle.append((time.monotonic(), session))
@@ -295,6 +403,9 @@ class Session:
         self.port = port
         self.hostname = hostname
         self.reused = False  # taken from the connection cache, not yet used for a message
+        # From MAIL until the final reply (or RSET): a QUIT now would land inside the
+        # transaction, DATA content included, so such a session is closed, never cached.
+        self.in_transaction = False
         self.smtp = aiosmtplib.SMTP(
             hostname=ip,
             port=port,
@@ -450,6 +561,11 @@ class Session:
         One command at a time: aiosmtplib's protocol pairs each reply with the command that
         awaits it and drops replies nobody waits for yet, so RFC 2920 pipelining would need
         a protocol of our own. On a lab's LAN the round trips cost little.
+
+        The connection going away or going silent raises SessionBroken (the destination's
+        doing: every parcel waits). Any other exception becomes this parcel's result and
+        leaves `in_transaction` set: the caller closes the connection, whose state nobody
+        knows, and the route's other parcels go on over a fresh one.
         """
         smtp = self.smtp
         options: list[str] = []
@@ -465,9 +581,11 @@ class Session:
         stage = Stage.MAIL
         results: Results = {}
         accepted: list[int] = []
+        current: int | None = None  # the recipient whose RCPT is under way
         try:
             async with asyncio.timeout(None) as deadline:
                 deadline.reschedule(loop.time() + COMMAND_TIMEOUT)
+                self.in_transaction = True
                 reply = await smtp.execute_command(mail.encode("utf-8"), timeout=None)
                 if reply.code != 250:
                     event = self.event(Stage.MAIL, reply.code, reply.message)
@@ -475,6 +593,7 @@ class Session:
                 else:
                     stage = Stage.RCPT
                     for rid, address in parcel.recipients:
+                        current = rid
                         deadline.reschedule(loop.time() + COMMAND_TIMEOUT)
                         command = f"RCPT TO:<{address}>".encode()
                         reply = await smtp.execute_command(command, timeout=None)
@@ -482,36 +601,87 @@ class Session:
                             accepted.append(rid)
                         else:
                             results[rid] = self.event(Stage.RCPT, reply.code, reply.message)
+                    current = None
                 if accepted:
                     stage = Stage.DATA
                     deadline.reschedule(loop.time() + COMMAND_TIMEOUT + DATA_TIMEOUT)
                     try:
-                        await smtp.protocol.execute_data_command(content, timeout=None)  # type: ignore[union-attr]
+                        await self._data(content)
                     except SMTPResponseException as exc:
                         event = self.event(Stage.DATA, exc.code, exc.message)
                         results.update({rid: event for rid in accepted})
                     else:
                         results.update({rid: None for rid in accepted})
+                        self.in_transaction = False
                         return results
                 deadline.reschedule(loop.time() + COMMAND_TIMEOUT)
-                await self._reset()  # nothing was sent: the next parcel starts clean
+                if await self._reset():  # nothing was sent: the next parcel starts clean
+                    self.in_transaction = False
                 return results
-        except (SMTPServerDisconnected, ConnectionError) as exc:
-            raise self.broken(
-                stage,
-                Failure.CLOSED,
-                f"{self.endpoint} closed the connection during {stage.value.upper()} ({exc})",
-            ) from None
         except TimeoutError:  # the deadline above, or aiosmtplib's own (SMTPTimeoutError)
             raise self.broken(
                 stage,
                 Failure.TIMEOUT,
                 f"{self.endpoint} did not answer {stage.value.upper()} in time",
             ) from None
+        except (SMTPServerDisconnected, OSError) as exc:  # ConnectionError, EPIPE and kin
+            raise self.broken(
+                stage,
+                Failure.CLOSED,
+                f"{self.endpoint} closed the connection during {stage.value.upper()} ({exc})",
+            ) from None
+        except Exception as exc:  # neither the connection nor a reply: see the docstring
+            return self._abandoned(parcel, results, stage, current, exc)
 
-    async def _reset(self) -> None:
-        with contextlib.suppress(SMTPResponseException):
+    def _abandoned(
+        self,
+        parcel: Parcel,
+        results: Results,
+        stage: Stage,
+        current: int | None,
+        exc: Exception,
+    ) -> Results:
+        """Results for a transaction an unexpected exception ended.
+
+        A ValueError while MAIL or RCPT is built is about the address (aiosmtplib's
+        control character check, an encoding): that address cannot be sent, for good. Any
+        other exception is the relay's own failure: every recipient not yet answered for
+        waits for its next retry interval, with the exception as its last error.
+        """
+        text = _escaped(f"{exc}")
+        what = f"{type(exc).__name__} during {stage.value.upper()} with {self.endpoint}"
+        about_address = isinstance(exc, ValueError) and stage in (Stage.MAIL, Stage.RCPT)
+        if about_address:
+            log.warning("id=%d: %s: %s", parcel.message, what, text)
+        else:
+            log.error("id=%d: %s", parcel.message, what, exc_info=exc)
+        undecided = [rid for rid, _ in parcel.recipients if rid not in results]
+        internal = self.failed(stage, Failure.INTERNAL, f"{what}: {text}")
+        refused = self.failed(stage, Failure.UNSENDABLE, f"{what}: {text}")
+        for rid in undecided:
+            if about_address and (stage is Stage.MAIL or rid == current):
+                results[rid] = refused
+            else:
+                results[rid] = internal
+        return results
+
+    async def _data(self, content: bytes) -> SMTPResponse:
+        """DATA, the content, the final ".": raises SMTPResponseException when refused."""
+        protocol = self.smtp.protocol
+        if protocol is None:
+            raise SMTPServerDisconnected("Server not connected")
+        return await protocol.execute_data_command(content, timeout=None)
+
+    def failed(self, stage: Stage, failure: Failure, detail: str) -> WireEvent:
+        return WireEvent(stage, failure, detail, server=self.name, ip=self.ip, port=self.port)
+
+    async def _reset(self) -> bool:
+        """RSET; False when it was refused (the server's state is then unknown)."""
+        try:
             await self.smtp.rset()
+        except SMTPResponseException:
+            return False
+        return True
 
     async def quit(self) -> None:
         with contextlib.suppress(SMTPException, OSError):
