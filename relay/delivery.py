@@ -12,7 +12,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from aiosmtplib import (
     SMTPConnectError,
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
+    SMTPDataError,
     SMTPException,
     SMTPResponse,
     SMTPResponseException,
@@ -57,6 +58,15 @@ MAX_PATH = 256
 # command line early (section 2.3.8). aiosmtplib refuses the same set with a ValueError.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_NAMES = {"\r": "CR", "\n": "LF", "\x00": "NUL", "\t": "TAB", "\x7f": "DEL"}
+
+# Content above this is written in chunks of this size, each CRLF-normalised and
+# dot-stuffed on its own, waiting for the socket between them: a big message costs one
+# chunk of memory instead of aiosmtplib's several whole copies (issue 10, item 6). Up to
+# it, aiosmtplib's single write is kept, the hot path for small messages.
+DATA_CHUNK = 64 * 1024
+# aiosmtplib's line ending rule (protocol.LINE_ENDINGS_REGEX: CRLF, or a lone LF or CR,
+# each becomes CRLF) matching only the lone ones: CRLF text then has nothing to replace.
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +126,17 @@ def screen(parcel: Parcel) -> tuple[Parcel | None, Results]:
     Without this, aiosmtplib raises ValueError mid-transaction for every attempt: one
     such message, always the oldest, stopped all mail for its connector (issue 10).
     """
-    why = unsendable(parcel.mail_from)
+    # The usual parcel (printable ASCII, short) in a few C calls: this runs per message.
+    sender = parcel.mail_from
+    if sender.isascii() and sender.isprintable() and len(sender) <= MAX_PATH - 2:
+        for _, address in parcel.recipients:
+            if not (address.isascii() and address.isprintable() and len(address) <= MAX_PATH - 2):
+                break
+        else:
+            return parcel, {}
+    why = unsendable(sender)
     if why is not None:
-        event = WireEvent(
-            Stage.MAIL, Failure.UNSENDABLE, f"Sender address {_shown(parcel.mail_from)} {why}"
-        )
+        event = WireEvent(Stage.MAIL, Failure.UNSENDABLE, f"Sender address {_shown(sender)} {why}")
         log.warning("id=%d: %s; not sent", parcel.message, event.detail)
         return None, {rid: event for rid, _ in parcel.recipients}
     results: Results = {}
@@ -134,6 +150,35 @@ def screen(parcel: Parcel) -> tuple[Parcel | None, Results]:
         return parcel, results
     rest = tuple((rid, a) for rid, a in parcel.recipients if rid not in results)
     return (Parcel(parcel.message, parcel.mail_from, rest) if rest else None), results
+
+
+def data_chunks(content: bytes, size: int = DATA_CHUNK) -> Iterator[bytes]:
+    """The DATA content as sent, without the final ".": CRLF line endings, dot-stuffed
+    (RFC 5321 section 4.5.2), ending with CRLF, in pieces of about `size` bytes.
+
+    Byte for byte what aiosmtplib's execute_data_command writes (lone CR and lone LF
+    become CRLF, a missing final CRLF is added, "." at a line start is doubled), done a
+    piece at a time. At the seams: a CR ending a piece moves to the next one, so a CRLF
+    split across them is never taken for a lone CR and a lone LF; a "." opening a piece
+    is doubled only when the previous piece ended a line.
+    """
+    if size < 2:
+        raise ValueError(f"data_chunks: size {size} must be at least 2 (a CR moves on)")
+    total = len(content)
+    start = 0
+    line_start = True
+    while start < total:
+        end = min(start + size, total)
+        if end < total and content[end - 1] == 0x0D:
+            end -= 1
+        piece = _BARE_LINE_END.sub(b"\r\n", content[start:end]).replace(b"\n.", b"\n..")
+        if line_start and piece[:1] == b".":
+            piece = b"." + piece
+        line_start = piece[-1:] == b"\n"
+        start = end
+        yield piece
+    if not line_start or total == 0:
+        yield b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +308,8 @@ class Agent:
                     if session is None:
                         cached = None if fresh else self._cached(route.key)
                         session = cached or await self._open(await self.target(route))
-                    results.update(await session.send(sendable, data))
+                    sent = await session.send(sendable, data)
+                    results = {**results, **sent} if results else sent
                 except SessionBroken as broken:
                     retry = session is not None and session.reused
                     if session is not None:
@@ -605,8 +651,12 @@ class Session:
                 if accepted:
                     stage = Stage.DATA
                     deadline.reschedule(loop.time() + COMMAND_TIMEOUT + DATA_TIMEOUT)
+                    protocol = smtp.protocol
                     try:
-                        await self._data(content)
+                        if len(content) > DATA_CHUNK or protocol is None:
+                            await self._stream(content)
+                        else:  # aiosmtplib's single write, as before: the 2 KB hot path
+                            await protocol.execute_data_command(content, timeout=None)
                     except SMTPResponseException as exc:
                         event = self.event(Stage.DATA, exc.code, exc.message)
                         results.update({rid: event for rid in accepted})
@@ -665,12 +715,41 @@ class Session:
                 results[rid] = internal
         return results
 
-    async def _data(self, content: bytes) -> SMTPResponse:
-        """DATA, the content, the final ".": raises SMTPResponseException when refused."""
+    async def _stream(self, content: bytes) -> SMTPResponse:
+        """DATA, the content, the final ".": raises SMTPResponseException when refused.
+
+        For content above DATA_CHUNK; send() hands smaller content to aiosmtplib's
+        execute_data_command in one write. These are the same bytes (see `data_chunks`), a chunk at a
+        time, each handed to the transport only once it has drained the last (its buffer's
+        high-water mark is 64 KiB), so a 35 MB message never has a second whole copy in
+        memory. That uses aiosmtplib 5.1's protocol internals, which pyproject.toml pins
+        and tests/test_delivery_stream.py checks: the command lock, `_response_pending` (a
+        reply arriving while it is False is dropped), write, `_drain_helper` and
+        read_response.
+        """
         protocol = self.smtp.protocol
         if protocol is None:
             raise SMTPServerDisconnected("Server not connected")
-        return await protocol.execute_data_command(content, timeout=None)
+        lock = protocol._command_lock
+        if lock is None:
+            raise SMTPServerDisconnected("Server not connected")
+        async with lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=None)
+            if start.code != 354:
+                raise SMTPDataError(start.code, start.message)
+            # Expect the final reply from the first chunk on: a server that refuses early
+            # (552, say) and reads on has its reply kept for the read below.
+            protocol._response_pending = True
+            for piece in data_chunks(content):
+                protocol.write(piece)
+                await protocol._drain_helper()
+            protocol.write(b".\r\n")
+            reply = await protocol.read_response(timeout=None)
+        if reply.code != 250:
+            raise SMTPDataError(reply.code, reply.message)
+        return reply
 
     def failed(self, stage: Stage, failure: Failure, detail: str) -> WireEvent:
         return WireEvent(stage, failure, detail, server=self.name, ip=self.ip, port=self.port)
