@@ -280,6 +280,7 @@ class Agent:
         Closed at a yield (the worker stopping: aclosing), the connection is between two
         transactions and gets a QUIT; one interrupted inside a transaction is closed.
         """
+        screened = [screen(parcel) for parcel in parcels]  # once: each refusal logged once
         session: Session | None = None
         fresh = False  # skip the cache: a cached connection has just been found dead
         finished = False
@@ -287,7 +288,7 @@ class Agent:
             index = 0
             while index < len(parcels):
                 parcel = parcels[index]
-                sendable, results = screen(parcel)
+                sendable, results = screened[index]
                 if sendable is None:
                     index += 1
                     yield parcel, results
@@ -300,7 +301,7 @@ class Agent:
                         f"reading the content failed: {type(exc).__name__}: {_escaped(str(exc))}"
                     )
                     event = WireEvent(Stage.DATA, Failure.INTERNAL, detail)
-                    results.update({rid: event for rid, _ in sendable.recipients})
+                    results = {**results, **{rid: event for rid, _ in sendable.recipients}}
                     index += 1
                     yield parcel, results
                     continue
@@ -320,8 +321,7 @@ class Agent:
                         # destination: open a fresh one and send this parcel again.
                         fresh = True
                         continue
-                    for rest in parcels[index:]:
-                        _, early = screen(rest)
+                    for rest, (_, early) in zip(parcels[index:], screened[index:], strict=True):
                         events = {rid: broken.event for rid, _ in rest.recipients}
                         yield rest, {**events, **early}
                     return

@@ -28,6 +28,7 @@ from tests.delivery_support import (
     SENDER,
     ScriptedPeer,
     advance,
+    closed_port,
     connector,
     lab_config,
     maildir_messages,
@@ -261,6 +262,24 @@ async def test_a_parcel_with_nothing_sendable_opens_no_connection() -> None:
         event = got[1][1]
         assert event is not None and event.failure is Failure.UNSENDABLE
         assert peer.connections == 0
+
+
+async def test_a_poison_recipient_fails_for_good_even_while_the_destination_is_down() -> None:
+    """Connection refused: the others wait (4.4.316), the one SMTP cannot carry is failed
+    now; no retry could ever send it."""
+    with closed_port() as down:
+        parcels = [
+            Parcel(1, SENDER, ((1, "a@partner.test"), (2, POISON))),
+            Parcel(2, SENDER, ((3, "b@partner.test"),)),
+        ]
+        got = await deliver_all(new_agent(), partner_route(down.port), parcels)
+
+    poisoned = got[1][2]
+    assert poisoned is not None and poisoned.failure is Failure.UNSENDABLE
+    for message, rid in ((1, 1), (2, 3)):
+        event = got[message][rid]
+        assert event is not None and event.failure is Failure.REFUSED
+        assert not classify(event).permanent
 
 
 async def test_a_path_over_256_octets_is_not_sent_and_one_of_256_is() -> None:
