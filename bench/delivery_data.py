@@ -162,7 +162,7 @@ async def rss(size: int) -> None:
     print(
         f"rss: one {len(content) / 1e6:.1f} MB message: RSS before sending {before / mib:.1f} MiB "
         f"(message included), peak while sending {peak / mib:.1f} MiB, "
-        f"delta {(peak - before) / mib:.1f} MiB = {(peak - before) * 1024 / len(content):.2f}x the message"
+        f"delta {peak - before} KiB = {(peak - before) * 1024 / len(content):.3f}x the message"
     )
 
 
