@@ -9,9 +9,10 @@ import asyncio
 import contextlib
 import errno
 import logging
+import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from aiosmtplib import (
     SMTPConnectError,
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
+    SMTPDataError,
     SMTPException,
+    SMTPResponse,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
@@ -46,6 +49,25 @@ REQUIRED_TLS = frozenset(
 _EXPIRED = {10, 12}  # certificate / CRL has expired
 _UNTRUSTED = {2, 18, 19, 20, 21, 27}
 
+# RFC 5321 section 4.5.3.1.3: a reverse- or forward-path, "<" and ">" included, is at most
+# 256 octets. Keeping to it also keeps every MAIL and RCPT we send (with SIZE, BODY and
+# SMTPUTF8) inside the 512-octet command line of section 4.5.3.1.4.
+MAX_PATH = 256
+# C0 controls and DEL: RFC 5321 section 4.1.2 allows none of them in a path, not even
+# quoted (qtextSMTP and quoted-pairSMTP are %d32-126), and a CR or LF would end the
+# command line early (section 2.3.8). aiosmtplib refuses the same set with a ValueError.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\r": "CR", "\n": "LF", "\x00": "NUL", "\t": "TAB", "\x7f": "DEL"}
+
+# Content above this is written in chunks of this size, each CRLF-normalised and
+# dot-stuffed on its own, waiting for the socket between them: a big message costs one
+# chunk of memory instead of aiosmtplib's several whole copies (issue 10, item 6). Up to
+# it, aiosmtplib's single write is kept, the hot path for small messages.
+DATA_CHUNK = 64 * 1024
+# aiosmtplib's line ending rule (protocol.LINE_ENDINGS_REGEX: CRLF, or a lone LF or CR,
+# each becomes CRLF) matching only the lone ones: CRLF text then has nothing to replace.
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
 
 @dataclass(frozen=True, slots=True)
 class Parcel:
@@ -58,6 +80,105 @@ class Parcel:
 
 # Per recipient row id: None when the destination accepted it, else what went wrong.
 Results = dict[int, WireEvent | None]
+
+
+def unsendable(address: str) -> str | None:
+    """Why `address` cannot be carried in a MAIL or RCPT command line, or None if it can.
+
+    Only what the protocol itself cannot carry: control characters (RFC 5321 sections
+    2.3.8 and 4.1.2), text that is not UTF-8 (RFC 6531 section 3.3 carries UTF-8 only), a
+    path over 256 octets (section 4.5.3.1.3). Anything else (syntax, non-ASCII without
+    SMTPUTF8) is for the destination to answer: it replies, per recipient.
+    """
+    if not address.isprintable():  # cheap for the usual address; controls are unprintable
+        control = _CONTROL.search(address)
+        if control is not None:
+            char = control.group()
+            name = _CONTROL_NAMES.get(char) or f"U+{ord(char):04X}"
+            return (
+                f"holds a control character ({name}), which no SMTP command can carry "
+                "(RFC 5321 sections 2.3.8 and 4.1.2)"
+            )
+    try:
+        octets = len(address) if address.isascii() else len(address.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (RFC 6531 section 3.3)"
+    if octets + 2 > MAX_PATH:
+        return f"makes a path of {octets + 2} octets; RFC 5321 section 4.5.3.1.3 allows {MAX_PATH}"
+    return None
+
+
+def _shown(address: str) -> str:
+    """An address for a reply line or a log: quoted, escaped to ASCII, cut when long."""
+    return ascii(address) if len(address) <= 80 else ascii(address[:60]) + "..."
+
+
+def _escaped(text: str) -> str:
+    """Exception text for a last error line: control characters as \\xNN, one line."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.strip())
+
+
+def screen(parcel: Parcel) -> tuple[Parcel | None, Results]:
+    """The part of a parcel SMTP can carry (None: nothing), and events for the rest.
+
+    A sender that cannot be carried fails every recipient at MAIL (RFC 3463 5.1.7); a
+    recipient that cannot fails alone at RCPT (5.1.3) and the others are still sent.
+    Without this, aiosmtplib raises ValueError mid-transaction for every attempt: one
+    such message, always the oldest, stopped all mail for its connector (issue 10).
+    """
+    # The usual parcel (printable ASCII, short) in a few C calls: this runs per message.
+    sender = parcel.mail_from
+    if sender.isascii() and sender.isprintable() and len(sender) <= MAX_PATH - 2:
+        for _, address in parcel.recipients:
+            if not (address.isascii() and address.isprintable() and len(address) <= MAX_PATH - 2):
+                break
+        else:
+            return parcel, {}
+    why = unsendable(sender)
+    if why is not None:
+        event = WireEvent(Stage.MAIL, Failure.UNSENDABLE, f"Sender address {_shown(sender)} {why}")
+        log.warning("id=%d: %s; not sent", parcel.message, event.detail)
+        return None, {rid: event for rid, _ in parcel.recipients}
+    results: Results = {}
+    for rid, address in parcel.recipients:
+        why = unsendable(address)
+        if why is not None:
+            detail = f"Recipient address {_shown(address)} {why}"
+            results[rid] = WireEvent(Stage.RCPT, Failure.UNSENDABLE, detail)
+            log.warning("id=%d: %s; not sent", parcel.message, detail)
+    if not results:
+        return parcel, results
+    rest = tuple((rid, a) for rid, a in parcel.recipients if rid not in results)
+    return (Parcel(parcel.message, parcel.mail_from, rest) if rest else None), results
+
+
+def data_chunks(content: bytes, size: int = DATA_CHUNK) -> Iterator[bytes]:
+    """The DATA content as sent, without the final ".": CRLF line endings, dot-stuffed
+    (RFC 5321 section 4.5.2), ending with CRLF, in pieces of about `size` bytes.
+
+    Byte for byte what aiosmtplib's execute_data_command writes (lone CR and lone LF
+    become CRLF, a missing final CRLF is added, "." at a line start is doubled), done a
+    piece at a time. At the seams: a CR ending a piece moves to the next one, so a CRLF
+    split across them is never taken for a lone CR and a lone LF; a "." opening a piece
+    is doubled only when the previous piece ended a line.
+    """
+    if size < 2:
+        raise ValueError(f"data_chunks: size {size} must be at least 2 (a CR moves on)")
+    total = len(content)
+    start = 0
+    line_start = True
+    while start < total:
+        end = min(start + size, total)
+        if end < total and content[end - 1] == 0x0D:
+            end -= 1
+        piece = _BARE_LINE_END.sub(b"\r\n", content[start:end]).replace(b"\n.", b"\n..")
+        if line_start and piece[:1] == b".":
+            piece = b"." + piece
+        line_start = piece[-1:] == b"\n"
+        start = end
+        yield piece
+    if not line_start or total == 0:
+        yield b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,45 +272,76 @@ class Agent:
         to it afterwards (Postfix's connection cache). When the destination cannot be
         reached, or the session breaks, every parcel not yet sent gets the same event: the
         destination is down for all of them (Exchange puts the whole queue in retry).
+
+        One parcel never stops the others: addresses SMTP cannot carry fail before anything
+        is sent (`screen`), and an unexpected exception fails only the parcel it hit; the
+        connection it left in an unknown state is closed, and the next parcel opens another.
+
+        Closed at a yield (the worker stopping: aclosing), the connection is between two
+        transactions and gets a QUIT; one interrupted inside a transaction is closed.
         """
-        session = self._cached(route.key)
-        try:
-            if session is None:
-                session = await self._open(await self.target(route))
-        except SessionBroken as broken:  # the route's hosts could not be found or reached
-            for parcel in parcels:
-                yield parcel, {rid: broken.event for rid, _ in parcel.recipients}
-            return
-        healthy = False
+        screened = [screen(parcel) for parcel in parcels]  # once: each refusal logged once
+        session: Session | None = None
+        fresh = False  # skip the cache: a cached connection has just been found dead
+        finished = False
         try:
             index = 0
             while index < len(parcels):
                 parcel = parcels[index]
+                sendable, results = screened[index]
+                if sendable is None:
+                    index += 1
+                    yield parcel, results
+                    continue
                 try:
-                    results = await session.send(parcel, await content(parcel.message))
+                    data = await content(parcel.message)
+                except Exception as exc:  # the queue's failure, not this message's
+                    log.error("id=%d: reading the content failed", parcel.message, exc_info=exc)
+                    detail = (
+                        f"reading the content failed: {type(exc).__name__}: {_escaped(str(exc))}"
+                    )
+                    event = WireEvent(Stage.DATA, Failure.INTERNAL, detail)
+                    results = {**results, **{rid: event for rid, _ in sendable.recipients}}
+                    index += 1
+                    yield parcel, results
+                    continue
+                try:
+                    if session is None:
+                        cached = None if fresh else self._cached(route.key)
+                        session = cached or await self._open(await self.target(route))
+                    sent = await session.send(sendable, data)
+                    results = {**results, **sent} if results else sent
                 except SessionBroken as broken:
-                    await session.close()
-                    if session.reused and broken.event.failure is Failure.CLOSED:
+                    retry = session is not None and session.reused
+                    if session is not None:
+                        await session.close()
+                        session = None
+                    if retry and broken.event.failure is Failure.CLOSED:
                         # A cached connection the server had closed says nothing about the
                         # destination: open a fresh one and send this parcel again.
-                        try:
-                            session = await self._open(await self.target(route))
-                        except SessionBroken as again:
-                            broken = again
-                        else:
-                            continue
-                    for rest in parcels[index:]:
-                        yield rest, {rid: broken.event for rid, _ in rest.recipients}
+                        fresh = True
+                        continue
+                    for rest, (_, early) in zip(parcels[index:], screened[index:], strict=True):
+                        events = {rid: broken.event for rid, _ in rest.recipients}
+                        yield rest, {**events, **early}
                     return
-                session.reused = False
+                del data
+                if session.in_transaction:  # an unexpected exception: state unknown
+                    await session.close()
+                    session = None
+                else:
+                    session.reused = False
                 index += 1
                 yield parcel, results
-            healthy = True
+            finished = True
         finally:
-            if healthy:
-                self._park(route.key, session)
-            else:
-                await session.quit()
+            if session is not None:
+                if finished and not session.in_transaction:
+                    self._park(route.key, session)
+                elif session.in_transaction:
+                    await session.close()
+                else:
+                    await session.quit()
 
     @property
     def has_idle(self) -> bool:
@@ -200,7 +352,8 @@ class Agent:
         idle = self._idle.get(key, [])
         while idle:
             parked_at, session = idle.pop()
-            if time.monotonic() - parked_at < CACHE_TIME_LIMIT and session.smtp.is_connected:
+            fresh = time.monotonic() - parked_at < CACHE_TIME_LIMIT
+            if fresh and session.smtp.is_connected and not session.in_transaction:
                 session.reused = True
                 return session
             session.smtp.close()
@@ -208,7 +361,8 @@ class Agent:
 
     def _park(self, key: str, session: Session) -> None:
         idle = self._idle.setdefault(key, [])
-        if len(idle) >= CONNECTIONS_PER_ROUTE or not session.smtp.is_connected:
+        full = len(idle) >= CONNECTIONS_PER_ROUTE
+        if full or not session.smtp.is_connected or session.in_transaction:
             session.smtp.close()
             return
         idle.append((time.monotonic(), session))
@@ -295,6 +449,9 @@ class Session:
         self.port = port
         self.hostname = hostname
         self.reused = False  # taken from the connection cache, not yet used for a message
+        # From MAIL until the final reply (or RSET): a QUIT now would land inside the
+        # transaction, DATA content included, so such a session is closed, never cached.
+        self.in_transaction = False
         self.smtp = aiosmtplib.SMTP(
             hostname=ip,
             port=port,
@@ -450,6 +607,11 @@ class Session:
         One command at a time: aiosmtplib's protocol pairs each reply with the command that
         awaits it and drops replies nobody waits for yet, so RFC 2920 pipelining would need
         a protocol of our own. On a lab's LAN the round trips cost little.
+
+        The connection going away or going silent raises SessionBroken (the destination's
+        doing: every parcel waits). Any other exception becomes this parcel's result and
+        leaves `in_transaction` set: the caller closes the connection, whose state nobody
+        knows, and the route's other parcels go on over a fresh one.
         """
         smtp = self.smtp
         options: list[str] = []
@@ -465,9 +627,11 @@ class Session:
         stage = Stage.MAIL
         results: Results = {}
         accepted: list[int] = []
+        current: int | None = None  # the recipient whose RCPT is under way
         try:
             async with asyncio.timeout(None) as deadline:
                 deadline.reschedule(loop.time() + COMMAND_TIMEOUT)
+                self.in_transaction = True
                 reply = await smtp.execute_command(mail.encode("utf-8"), timeout=None)
                 if reply.code != 250:
                     event = self.event(Stage.MAIL, reply.code, reply.message)
@@ -475,6 +639,7 @@ class Session:
                 else:
                     stage = Stage.RCPT
                     for rid, address in parcel.recipients:
+                        current = rid
                         deadline.reschedule(loop.time() + COMMAND_TIMEOUT)
                         command = f"RCPT TO:<{address}>".encode()
                         reply = await smtp.execute_command(command, timeout=None)
@@ -482,36 +647,120 @@ class Session:
                             accepted.append(rid)
                         else:
                             results[rid] = self.event(Stage.RCPT, reply.code, reply.message)
+                    current = None
                 if accepted:
                     stage = Stage.DATA
                     deadline.reschedule(loop.time() + COMMAND_TIMEOUT + DATA_TIMEOUT)
+                    protocol = smtp.protocol
                     try:
-                        await smtp.protocol.execute_data_command(content, timeout=None)  # type: ignore[union-attr]
+                        if len(content) > DATA_CHUNK or protocol is None:
+                            await self._stream(content)
+                        else:  # aiosmtplib's single write, as before: the 2 KB hot path
+                            await protocol.execute_data_command(content, timeout=None)
                     except SMTPResponseException as exc:
                         event = self.event(Stage.DATA, exc.code, exc.message)
                         results.update({rid: event for rid in accepted})
                     else:
                         results.update({rid: None for rid in accepted})
+                        self.in_transaction = False
                         return results
                 deadline.reschedule(loop.time() + COMMAND_TIMEOUT)
-                await self._reset()  # nothing was sent: the next parcel starts clean
+                if await self._reset():  # nothing was sent: the next parcel starts clean
+                    self.in_transaction = False
                 return results
-        except (SMTPServerDisconnected, ConnectionError) as exc:
-            raise self.broken(
-                stage,
-                Failure.CLOSED,
-                f"{self.endpoint} closed the connection during {stage.value.upper()} ({exc})",
-            ) from None
         except TimeoutError:  # the deadline above, or aiosmtplib's own (SMTPTimeoutError)
             raise self.broken(
                 stage,
                 Failure.TIMEOUT,
                 f"{self.endpoint} did not answer {stage.value.upper()} in time",
             ) from None
+        except (SMTPServerDisconnected, OSError) as exc:  # ConnectionError, EPIPE and kin
+            raise self.broken(
+                stage,
+                Failure.CLOSED,
+                f"{self.endpoint} closed the connection during {stage.value.upper()} ({exc})",
+            ) from None
+        except Exception as exc:  # neither the connection nor a reply: see the docstring
+            return self._abandoned(parcel, results, stage, current, exc)
 
-    async def _reset(self) -> None:
-        with contextlib.suppress(SMTPResponseException):
+    def _abandoned(
+        self,
+        parcel: Parcel,
+        results: Results,
+        stage: Stage,
+        current: int | None,
+        exc: Exception,
+    ) -> Results:
+        """Results for a transaction an unexpected exception ended.
+
+        A ValueError while MAIL or RCPT is built is about the address (aiosmtplib's
+        control character check, an encoding): that address cannot be sent, for good. Any
+        other exception is the relay's own failure: every recipient not yet answered for
+        waits for its next retry interval, with the exception as its last error.
+        """
+        text = _escaped(f"{exc}")
+        what = f"{type(exc).__name__} during {stage.value.upper()} with {self.endpoint}"
+        about_address = isinstance(exc, ValueError) and stage in (Stage.MAIL, Stage.RCPT)
+        if about_address:
+            log.warning("id=%d: %s: %s", parcel.message, what, text)
+        else:
+            log.error("id=%d: %s", parcel.message, what, exc_info=exc)
+        undecided = [rid for rid, _ in parcel.recipients if rid not in results]
+        internal = self.failed(stage, Failure.INTERNAL, f"{what}: {text}")
+        refused = self.failed(stage, Failure.UNSENDABLE, f"{what}: {text}")
+        for rid in undecided:
+            if about_address and (stage is Stage.MAIL or rid == current):
+                results[rid] = refused
+            else:
+                results[rid] = internal
+        return results
+
+    async def _stream(self, content: bytes) -> SMTPResponse:
+        """DATA, the content, the final ".": raises SMTPResponseException when refused.
+
+        For content above DATA_CHUNK; send() hands smaller content to aiosmtplib's
+        execute_data_command in one write. These are the same bytes (see `data_chunks`), a chunk at a
+        time, each handed to the transport only once it has drained the last (its buffer's
+        high-water mark is 64 KiB), so a 35 MB message never has a second whole copy in
+        memory. That uses aiosmtplib 5.1's protocol internals, which pyproject.toml pins
+        and tests/test_delivery_stream.py checks: the command lock, `_response_pending` (a
+        reply arriving while it is False is dropped), write, `_drain_helper` and
+        read_response.
+        """
+        protocol = self.smtp.protocol
+        if protocol is None:
+            raise SMTPServerDisconnected("Server not connected")
+        lock = protocol._command_lock
+        if lock is None:
+            raise SMTPServerDisconnected("Server not connected")
+        async with lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=None)
+            if start.code != 354:
+                raise SMTPDataError(start.code, start.message)
+            # Expect the final reply from the first chunk on: a server that refuses early
+            # (552, say) and reads on has its reply kept for the read below.
+            protocol._response_pending = True
+            for piece in data_chunks(content):
+                protocol.write(piece)
+                await protocol._drain_helper()
+            protocol.write(b".\r\n")
+            reply = await protocol.read_response(timeout=None)
+        if reply.code != 250:
+            raise SMTPDataError(reply.code, reply.message)
+        return reply
+
+    def failed(self, stage: Stage, failure: Failure, detail: str) -> WireEvent:
+        return WireEvent(stage, failure, detail, server=self.name, ip=self.ip, port=self.port)
+
+    async def _reset(self) -> bool:
+        """RSET; False when it was refused (the server's state is then unknown)."""
+        try:
             await self.smtp.rset()
+        except SMTPResponseException:
+            return False
+        return True
 
     async def quit(self) -> None:
         with contextlib.suppress(SMTPException, OSError):
