@@ -8,11 +8,12 @@ Exchange Online "last error" line the queue shows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from relay import codes
 from relay.codes import MailFlowCode
+from relay.text import UNSAFE, escaped
 
 
 class Stage(StrEnum):
@@ -58,6 +59,8 @@ class Failure(StrEnum):
 CERTIFICATE_FAILURES = frozenset(
     {Failure.CERT_EXPIRED, Failure.CERT_NAME, Failure.CERT_UNTRUSTED, Failure.CERT_INVALID}
 )
+# The relay's own doing: they say nothing about whether the destination is reachable.
+LOCAL_FAILURES = frozenset({Failure.UNSENDABLE, Failure.INTERNAL})
 DNS_FAILURES = frozenset(
     {Failure.DNS_NXDOMAIN, Failure.DNS_SERVFAIL, Failure.DNS_NO_ANSWER, Failure.DNS_TIMEOUT}
 )
@@ -125,6 +128,11 @@ DOMAIN_NOT_FOUND = "550 5.4.310 DNS domain {domain} does not exist"
 
 
 def classify(event: WireEvent) -> Outcome:
+    # A remote's reply (or an exception's text) may hold a CR or bytes that are not UTF-8
+    # (aiosmtplib decodes replies with surrogateescape): never into the store, a log or an
+    # NDR as they came. The line breaks of a multi-line reply become spaces, as in the LED.
+    if UNSAFE.search(event.reply) or UNSAFE.search(event.detail):
+        event = replace(event, reply=_one_line(event.reply), detail=_one_line(event.detail))
     endpoint = _endpoint(event)
     if event.failure is Failure.DOMAIN_NXDOMAIN:
         line = DOMAIN_NOT_FOUND.format(domain=event.server or "")
@@ -217,6 +225,10 @@ def _remote_reply(event: WireEvent, endpoint: str | None) -> Outcome:
         endpoint,
         final_reply=remote,
     )
+
+
+def _one_line(text: str) -> str:
+    return escaped(" ".join(text.split()))
 
 
 def _title(reply: str) -> str:

@@ -33,6 +33,7 @@ from relay.classify import Failure, Stage, WireEvent
 from relay.config import TlsPolicy
 from relay.resolve import DnsError, Resolver, is_ip
 from relay.routing import Route, RouteKind
+from relay.text import escaped
 
 log = logging.getLogger("relay.delivery")
 
@@ -111,11 +112,6 @@ def unsendable(address: str) -> str | None:
 def _shown(address: str) -> str:
     """An address for a reply line or a log: quoted, escaped to ASCII, cut when long."""
     return ascii(address) if len(address) <= 80 else ascii(address[:60]) + "..."
-
-
-def _escaped(text: str) -> str:
-    """Exception text for a last error line: control characters as \\xNN, one line."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.strip())
 
 
 def screen(parcel: Parcel) -> tuple[Parcel | None, Results]:
@@ -297,9 +293,7 @@ class Agent:
                     data = await content(parcel.message)
                 except Exception as exc:  # the queue's failure, not this message's
                     log.error("id=%d: reading the content failed", parcel.message, exc_info=exc)
-                    detail = (
-                        f"reading the content failed: {type(exc).__name__}: {_escaped(str(exc))}"
-                    )
+                    detail = f"reading the content failed: {type(exc).__name__}: {escaped(str(exc).strip())}"
                     event = WireEvent(Stage.DATA, Failure.INTERNAL, detail)
                     results = {**results, **{rid: event for rid, _ in sendable.recipients}}
                     index += 1
@@ -698,7 +692,7 @@ class Session:
         other exception is the relay's own failure: every recipient not yet answered for
         waits for its next retry interval, with the exception as its last error.
         """
-        text = _escaped(f"{exc}")
+        text = escaped(f"{exc}".strip())
         what = f"{type(exc).__name__} during {stage.value.upper()} with {self.endpoint}"
         about_address = isinstance(exc, ValueError) and stage in (Stage.MAIL, Stage.RCPT)
         if about_address:

@@ -28,9 +28,10 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, _AuthMechAttr, _DataState, syntax
 
 from relay.clock import Clock
-from relay.policy import UNSAFE, Policy, escaped, printable
+from relay.policy import Policy
 from relay.routing import route
 from relay.store import NewMessage, NewRecipient, Store, StoreError
+from relay.text import UNSAFE, escaped, printable
 
 log = logging.getLogger("relay.intake")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mailbox
 from pathlib import Path
 
-from relay.policy import printable
+from relay.text import printable
 
 
 def maildir_path(root: Path, address: str) -> Path:

@@ -2,14 +2,12 @@
 lab's runtime changes (`relay domain set-type`, `relay connector disable`, Fix now) on top.
 
 Runtime changes live in the store's settings table under the keys below, so they survive
-restarts and reach a running server; `Policy.build` is pure. It also holds the rules for
-what an envelope address may contain.
+restarts and reach a running server; `Policy.build` is pure.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,30 +26,6 @@ RCPT_RELAY_DENIED = "550 5.7.64 TenantAttribution; Relay Access Denied"
 # RFC 5321 section 4.5.1: every SMTP server takes mail for "postmaster", without a domain
 # and at each domain it serves, case-insensitively.
 POSTMASTER = "postmaster"
-
-# What no envelope field may hold: C0 controls (CR, LF, NUL...), DEL, C1 controls, the
-# Unicode line and paragraph separators, and lone surrogates, which is how aiosmtpd's
-# surrogateescape decoding of a command line shows bytes that are not UTF-8. Any of them in
-# a header, a file name or a log line could start a line of its own.
-UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def printable(text: str, replacement: str = "?") -> str:
-    """`text` with every UNSAFE character replaced, as Postfix's printable() does."""
-    return UNSAFE.sub(replacement, text) if UNSAFE.search(text) else text
-
-
-def escaped(text: str) -> str:
-    """`text` with every UNSAFE character written as an escape (for log lines): \\x0d for a
-    CR, and an undecodable byte as the \\xNN it was on the wire."""
-    return UNSAFE.sub(_escape, text) if UNSAFE.search(text) else text
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
-        code -= 0xDC00
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def has_routing_syntax(address: str) -> bool:

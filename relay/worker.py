@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import cast
 
 from relay import codes, mailbox, ndr
-from relay.classify import Failure, Outcome, Stage, WireEvent, classify
+from relay.classify import LOCAL_FAILURES, Failure, Outcome, Stage, WireEvent, classify
 from relay.clock import Clock, to_datetime
 from relay.config import Config, DomainType
 from relay.delivery import CACHE_TIME_LIMIT, CONNECTIONS_PER_ROUTE, Agent, Parcel, Results
@@ -43,6 +43,7 @@ from relay.store import (
     StoreError,
 )
 from relay.store import Outcome as Result
+from relay.text import escaped
 
 log = logging.getLogger("relay.worker")
 
@@ -395,7 +396,13 @@ class Worker:
         work.recorded(results)
         self._bounce_pending |= any(w.status is Status.FAILED for w in written)
         if the_route.kind is RouteKind.CONNECTOR:
-            await self._note_connector(the_route.label, delivered > 0, now)
+            # A message of our own that could not be sent (an address SMTP cannot carry, a
+            # local error) says nothing about the connector either way.
+            failed_there = any(
+                e is not None and e.failure not in LOCAL_FAILURES for e in results.values()
+            )
+            if delivered or failed_there:
+                await self._note_connector(the_route.label, delivered > 0, now)
         if delivered:
             log.info(
                 "delivered id=%d to %d recipient(s) via %s",
@@ -616,11 +623,10 @@ def _log_failures(work: _Work) -> None:
 
 
 def _detail(exc: Exception) -> str:
-    """An unexpected exception as last_error's detail: escaped, since its text may hold
-    what a hostile envelope brought (CR, invalid UTF-8) and it goes to the store, the log
-    and the NDR; and short."""
-    text = f"{type(exc).__name__}: {exc}"[:ERROR_DETAIL]
-    return text.encode("unicode_escape").decode("ascii")
+    """An unexpected exception as last_error's detail: short, and escaped, since its text
+    may hold what a hostile envelope brought (CR, invalid UTF-8) and it goes to the store,
+    the log and the NDR."""
+    return escaped(f"{type(exc).__name__}: {exc}"[:ERROR_DETAIL])
 
 
 def _last_error(outcome: Outcome, now: float) -> LastError:

@@ -246,3 +246,15 @@ def test_internal_error_is_transient_with_its_reason() -> None:
     assert not outcome.permanent
     assert outcome.code == "4.3.0"
     assert outcome.reply == "451 4.3.0 Error: local error in processing (ValueError: boom)"
+
+
+def test_a_reply_with_control_characters_or_bad_utf8_is_escaped() -> None:
+    """aiosmtplib decodes replies with surrogateescape: a CR or a byte that is not UTF-8
+    must reach neither the store nor an NDR as it came."""
+    reply = "5.1.1 no such user\r\nX-Injected: yes \udcff"
+    outcome = classify(
+        WireEvent(Stage.RCPT, Failure.REPLY, f"550 {reply}", server=SERVER, code=550, reply=reply)
+    )
+    assert "\r" not in outcome.reply and "\udcff" not in outcome.reply
+    assert outcome.final_reply == "550 5.1.1 no such user X-Injected: yes \\xff"
+    outcome.reply.encode("utf-8")  # storable

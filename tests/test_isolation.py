@@ -284,7 +284,8 @@ async def test_an_exception_delivering_one_message_defers_it_alone(
         assert row.last_error is not None
         assert row.last_error.code == "4.3.0"
         assert row.last_error.reply == (
-            f"451 4.3.0 Error: local error in processing (ValueError: poisoned message {poison})"
+            "451 4.3.0 Error: local error in processing "
+            f"(reading the content failed: ValueError: poisoned message {poison})"
         )
         assert [a.reply for a in row.history] == [row.last_error.reply]
         assert agent.raised == 1
