@@ -9,7 +9,7 @@ A. **Scale** (``--messages`` N, default 100,000):
 
    1. N messages are generated through the store API (``relay.store.Store``: ``reserve_id``,
       concurrent ``enqueue(NewMessage)`` in batches of ``--batch``, which the store
-      group-commits into one transaction per batch; then ``record([Outcome(DEFERRED,
+      group-commits into one transaction per batch; then ``record([Result(QUEUED → DEFERRED,
       next_attempt_at=+20 days, error=LastError(4.4.316 ...))])``). One recipient each,
       ``u<n>@sink.bench.test``, routed to the connector "Bench sink" whose smart host is a
       loopback port that is bound but not listening (connection refused); 2 KB bodies;
@@ -101,7 +101,9 @@ async def generate(
     db: Path, count: int, *, batch: int, size: int, deferred: bool
 ) -> dict[str, float]:
     """`count` messages through the store API; deferred (nothing due) or queued (due now)."""
-    from relay.store import LastError, NewMessage, NewRecipient, Outcome, Status, Store
+    from relay.spool.rows import LastError, NewMessage, NewRecipient, Result
+    from relay.states import Change, Status
+    from relay.store import Store
 
     store = await Store.open(db)
     now = time.time()
@@ -147,13 +149,13 @@ async def generate(
             for first in range(0, len(ids), 10000):
                 await store.record(
                     [
-                        Outcome(
+                        Result(
                             rid,
-                            Status.DEFERRED,
+                            Status.QUEUED,
+                            Change(Status.DEFERRED, now + 20 * DAY, attempted=True),
                             now,
                             CONNECTOR,
-                            next_attempt_at=now + 20 * DAY,
-                            error=error,
+                            error,
                         )
                         for rid in ids[first : first + 10000]
                     ]

@@ -16,7 +16,8 @@ from relay.config import ConnectorType, DomainType, LoadedConfig
 from relay.policy import CONNECTOR_ENABLED_KEY, DOMAIN_TYPE_KEY, Policy
 from relay.routing import matches
 from relay.runtime import CLOCK_OFFSET_KEY, load_clock_offset, load_policy
-from relay.store import DigestRow, Store
+from relay.spool.rows import DigestRow
+from relay.store import Store
 from relay.units import format_duration
 
 

@@ -19,7 +19,7 @@ from relay import codes
 from relay.clock import iso, to_datetime
 from relay.config import AlertsConfig, ConnectorType
 from relay.policy import Policy
-from relay.store import DigestRow, LastError
+from relay.spool.rows import DigestRow, LastError
 
 NOTIFIED_KEY = "alert.notified:"  # + connector name → when this episode was notified
 

@@ -25,7 +25,9 @@ from relay.config import (
     dump_toml,
     load_config,
 )
-from relay.store import Status, Store, StoreError
+from relay.errors import StoreError
+from relay.states import Status
+from relay.store import Store
 from relay.units import parse_duration
 from relay.views import (
     alerts_table,

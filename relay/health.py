@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from relay.config import LoadedConfig
-from relay.store import Store, StoreError
+from relay.errors import StoreError
+from relay.store import Store
 
 # A wildcard listen address is checked through loopback.
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import inspect
 import logging
 import re
@@ -20,17 +19,19 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from email.header import decode_header, make_header
-from email.utils import format_datetime, make_msgid
+from email.utils import make_msgid
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, _AuthMechAttr, _DataState, syntax
 
 from relay.clock import Clock
+from relay.errors import StoreError
+from relay.headers import rfc5322_date
 from relay.policy import Policy
 from relay.routing import route
-from relay.store import NewMessage, NewRecipient, Store, StoreError
+from relay.spool.rows import NewMessage, NewRecipient
+from relay.store import Store
 from relay.text import UNSAFE, escaped, printable
 
 log = logging.getLogger("relay.intake")
@@ -686,16 +687,6 @@ class IntakeHandler:
         return f"250 2.6.0 {bracketed} [InternalId={queue_id}] Queued mail for delivery"
 
 
-def rfc5322_date(timestamp: float) -> str:
-    """ "Fri, 27 Nov 2026 05:26:32 +0000": UTC written as +0000, not the "unknown" -0000."""
-    return _date_of_second(int(timestamp))
-
-
-@functools.lru_cache(maxsize=8)
-def _date_of_second(second: int) -> str:
-    return format_datetime(datetime.fromtimestamp(second, UTC))
-
-
 def _client_ip(session: Session) -> str:
     peer = session.peer
     if isinstance(peer, tuple) and peer:
@@ -708,7 +699,8 @@ def _prepend(prefix: bytes, raw: bytes | bytearray) -> bytes:
 
     RelaySMTP.smtp_DATA hands over a bytearray: the prefix goes in at its front in place
     (one copy, moved within its buffer), `bytes()` makes the second, and the bytearray is
-    emptied at once, so only the stored copy is left while the commit is awaited.
+    emptied at once, so only the stored copy is left while the commit is awaited. SQLite
+    then makes two more while it inserts (the bound value and the record): the peak.
     """
     if isinstance(raw, bytearray):
         raw[:0] = prefix

@@ -21,11 +21,12 @@ from relay import alerts
 from relay.clock import Clock
 from relay.config import LoadedConfig
 from relay.delivery import Agent
+from relay.errors import StoreError
 from relay.intake import IntakeHandler, IntakeServer, SessionLimits, start_intake, tls_context
 from relay.policy import Policy
 from relay.resolve import Resolver
 from relay.runtime import load_clock_offset, load_policy
-from relay.store import Store, StoreError
+from relay.store import Store
 from relay.worker import Worker, generated_message
 
 log = logging.getLogger("relay.server")

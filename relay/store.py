@@ -14,33 +14,29 @@ import json
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+
+from relay.errors import StoreError
+from relay.spool.rows import (
+    Attempt,
+    DigestRow,
+    LastError,
+    MessageRow,
+    NewMessage,
+    RecipientRow,
+    Result,
+)
+from relay.states import Event, Status
 
 T = TypeVar("T")
 Op = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
 log = logging.getLogger("relay.store")
 
-
-class Status(StrEnum):
-    """Per-recipient delivery state, stored as text (see queue/README.md)."""
-
-    QUEUED = "queued"
-    DEFERRED = "deferred"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    HELD = "held"
-
-
-PENDING = frozenset({Status.QUEUED, Status.DEFERRED})
-FINAL = frozenset({Status.DELIVERED, Status.FAILED, Status.EXPIRED})
-FAILED_FINAL = frozenset({Status.FAILED, Status.EXPIRED})
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -110,126 +106,6 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX recipients_latest_error ON recipients(connector, error_code, error_at);
     """,
 )
-
-
-class StoreError(Exception):
-    """The store could not do what was asked (disk full, locked, corrupt, ...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class NewRecipient:
-    address: str
-    connector: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """A message ready to queue; content is the full RFC 5322 message as it will be sent."""
-
-    id: int
-    message_id: str
-    mail_from: str
-    subject: str
-    received_at: float
-    expires_at: float
-    client_address: str
-    client_helo: str
-    recipients: Sequence[NewRecipient]
-    content: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class LastError:
-    code: str
-    reply: str
-    title: str
-    server: str | None
-    ip: str | None
-    at: float
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "code": self.code,
-                "reply": self.reply,
-                "title": self.title,
-                "server": self.server,
-                "ip": self.ip,
-                "at": self.at,
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str | None) -> LastError | None:
-        if not text:
-            return None
-        data = json.loads(text)
-        return cls(**data)
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    at: float
-    code: str
-    reply: str
-    server: str | None
-    ip: str | None
-
-
-@dataclass(slots=True)
-class RecipientRow:
-    id: int
-    message: int
-    address: str
-    status: Status
-    connector: str
-    attempts: int
-    next_attempt_at: float | None
-    expires_at: float
-    delivered_at: float | None
-    last_error: LastError | None
-    ndr_due: bool = False
-    history: list[Attempt] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class MessageRow:
-    id: int
-    message_id: str
-    mail_from: str
-    subject: str
-    size: int
-    received_at: float
-    client_address: str
-    client_helo: str
-    recipients: list[RecipientRow] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class DigestRow:
-    connector: str
-    code: str | None
-    messages: int
-    recipients: int
-    held: int
-    deferred: int
-    queue_started_at: float
-    next_retry_at: float | None
-    oldest_expires_at: float
-    last_error: LastError | None
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one delivery attempt did to one recipient, ready to be written."""
-
-    recipient: int
-    status: Status
-    at: float
-    connector: str
-    next_attempt_at: float | None = None
-    error: LastError | None = None
-    counts_attempt: bool = True  # an expiry without a new try does not add an attempt
 
 
 _RECIPIENT_COLUMNS = (
@@ -371,9 +247,9 @@ class Store:
             arrivals = [op.message for op, _ in batch if isinstance(op, _Enqueue)]
             if arrivals:
                 await _insert_messages(conn, arrivals)
-            outcomes = [o for op, _ in batch if isinstance(op, _Record) for o in op.outcomes]
-            if outcomes:
-                await _write_outcomes(conn, outcomes)
+            written = [r for op, _ in batch if isinstance(op, _Record) for r in op.results]
+            if written:
+                await _write_results(conn, written)
             for op, _ in batch:
                 if isinstance(op, _Enqueue):
                     results.append(op.message.id)
@@ -422,9 +298,9 @@ class Store:
         """Queue a message; returns its id once it is committed to disk."""
         return await self._write(_Enqueue(message))  # type: ignore[no-any-return]
 
-    async def record(self, outcomes: Sequence[Outcome]) -> None:
-        """Write attempt results (failures carry their NDR-owed flag)."""
-        await self._write(_Record(outcomes))
+    async def record(self, results: Sequence[Result]) -> None:
+        """Write the queue manager's results (failures carry their NDR-owed flag)."""
+        await self._write(_Record(results))
 
     async def bounces_due(self, *, limit: int = 200) -> list[int]:
         """Messages with recipients owed an NDR, oldest first."""
@@ -598,6 +474,32 @@ class Store:
 
     # ---- queue actions (relay queue retry/hold/release/expire/delete) ----------------
 
+    async def change(
+        self,
+        event: Event,
+        *,
+        now: float,
+        message: int | None = None,
+        connector: str | None = None,
+        domains: Sequence[str] = (),
+    ) -> int:
+        """An administrator's event for the recipients selected (see Spool.change)."""
+        if event is Event.RETRY_NOW:
+            if domains:
+                return await self.retry_domains(domains, now=now)
+            return await self.retry(now=now, message=message, connector=connector)
+        if message is None:
+            raise ValueError(f"{event} needs a message")
+        if event is Event.HOLD:
+            return await self.hold(message)
+        if event is Event.RELEASE:
+            return await self.release(message, now=now)
+        if event is Event.EXPIRE_NOW:
+            return await self.expire(message, now=now)
+        if event is Event.DELETE:
+            return await self.delete(message)
+        raise ValueError(f"{event} is not an administrator's event")
+
     async def message_exists(self, message_id: int) -> bool:
         async with self._conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)) as cur:
             return await cur.fetchone() is not None
@@ -737,7 +639,7 @@ class _Enqueue:
 class _Record:
     """Delivery results waiting for the writer's next batch."""
 
-    outcomes: Sequence[Outcome]
+    results: Sequence[Result]
 
 
 # One write waiting for the writer, and the future its caller awaits.
@@ -779,38 +681,40 @@ async def _insert_messages(conn: aiosqlite.Connection, messages: Sequence[NewMes
     )
 
 
-async def _write_outcomes(conn: aiosqlite.Connection, outcomes: Sequence[Outcome]) -> None:
+async def _write_results(conn: aiosqlite.Connection, results: Sequence[Result]) -> None:
     rows = []
     history = []
-    for o in outcomes:
-        final = o.status in FINAL
+    for r in results:
+        change = r.change
         rows.append(
             (
-                o.status.value,
-                o.connector,
-                1 if o.counts_attempt else 0,
-                None if final else o.next_attempt_at,
-                o.at if o.status is Status.DELIVERED else None,
-                o.at if final else None,
-                o.error.to_json() if o.error else None,
-                o.error.code if o.error else None,
-                o.error.at if o.error else None,
-                1 if o.status in FAILED_FINAL else 0,
-                o.recipient,
+                change.status.value,
+                r.connector,
+                1 if change.attempted else 0,
+                change.next_attempt_at,
+                r.at if change.status is Status.DELIVERED else None,
+                r.at if change.final else None,
+                r.error.to_json() if r.error else None,
+                r.error.code if r.error else None,
+                r.error.at if r.error else None,
+                1 if change.ndr_owed else 0,
+                r.recipient,
+                r.was.value,
             )
         )
-        if o.error is not None:
-            e = o.error
-            history.append((o.recipient, e.at, e.code, e.reply, e.server, e.ip))
+        if r.error is not None:
+            e = r.error
+            history.append((r.recipient, e.at, e.code, e.reply, e.server, e.ip))
     await conn.executemany(
-        # Only rows still pending: a recipient held, expired or deleted from the CLI while its
-        # attempt was in flight keeps what the CLI made of it. Never later than its expiry,
-        # which the CLI may have moved (relay queue expire).
+        # Only while the recipient is in the state the change was decided from: one held,
+        # expired or deleted from the CLI while its attempt was in flight keeps what the CLI
+        # made of it. Never later than its expiry, which the CLI may have moved (relay queue
+        # expire).
         "UPDATE recipients SET status = ?, connector = ?, attempts = attempts + ?, "
         "next_attempt_at = min(?, expires_at), delivered_at = coalesce(?, delivered_at), "
         "finished_at = ?, last_error = coalesce(?, last_error), "
         "error_code = coalesce(?, error_code), error_at = coalesce(?, error_at), ndr_due = ? "
-        "WHERE id = ? AND status IN ('queued', 'deferred')",
+        "WHERE id = ? AND status = ?",
         rows,
     )
     if history:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay.clock import iso
-from relay.store import Attempt, LastError, MessageRow, RecipientRow
+from relay.spool.rows import Attempt, LastError, MessageRow, RecipientRow
 
 WIDTH = 100
 

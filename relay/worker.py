@@ -28,21 +28,14 @@ from relay.classify import LOCAL_FAILURES, Failure, Outcome, Stage, WireEvent, c
 from relay.clock import Clock, to_datetime
 from relay.config import Config, DomainType
 from relay.delivery import CACHE_TIME_LIMIT, CONNECTIONS_PER_ROUTE, Agent, Parcel, Results
-from relay.intake import rfc5322_date
+from relay.errors import StoreError
+from relay.headers import rfc5322_date
 from relay.policy import Policy
 from relay.retry import next_attempt_at
 from relay.routing import Route, RouteKind, route
-from relay.store import (
-    LastError,
-    MessageRow,
-    NewMessage,
-    NewRecipient,
-    RecipientRow,
-    Status,
-    Store,
-    StoreError,
-)
-from relay.store import Outcome as Result
+from relay.spool.protocol import Spool
+from relay.spool.rows import LastError, MessageRow, NewMessage, NewRecipient, RecipientRow, Result
+from relay.states import Event, step
 from relay.text import escaped
 
 log = logging.getLogger("relay.worker")
@@ -108,7 +101,7 @@ class Worker:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Spool,
         clock: Clock,
         config: Config,
         policy: Callable[[], Policy],
@@ -384,17 +377,17 @@ class Worker:
             row = work.rows[rid]
             if event is None:
                 delivered += 1
-                written.append(Result(rid, Status.DELIVERED, now, the_route.label))
+                written.append(_result(row, Event.DELIVERED, the_route.label, now))
                 continue
             outcome = classify(event)
             error = _last_error(outcome, now)
             if outcome.permanent:
-                written.append(Result(rid, Status.FAILED, now, the_route.label, error=error))
+                written.append(_result(row, Event.PERMANENT, the_route.label, now, error=error))
             else:
                 written.append(self._deferred(row, the_route.label, error, now))
         await self._write(written, (parcel.message,))
         work.recorded(results)
-        self._bounce_pending |= any(w.status is Status.FAILED for w in written)
+        self._bounce_pending |= any(w.change.ndr_owed for w in written)
         if the_route.kind is RouteKind.CONNECTOR:
             # A message of our own that could not be sent (an address SMTP cannot carry, a
             # local error) says nothing about the connector either way.
@@ -413,13 +406,13 @@ class Worker:
 
     def _deferred(self, row: RecipientRow, connector: str, error: LastError, now: float) -> Result:
         """A transient failure: the recipient waits for its next retry interval."""
-        next_at = next_attempt_at(
+        retry_at = next_attempt_at(
             attempts=row.attempts + 1,
             now=now,
             schedule=self._config.queue.retry_schedule,
             expires_at=row.expires_at,
         )
-        return Result(row.id, Status.DEFERRED, now, connector, next_attempt_at=next_at, error=error)
+        return _result(row, Event.TRANSIENT, connector, now, error=error, retry_at=retry_at)
 
     async def _defer(
         self, work: _Work, rows: Sequence[RecipientRow], exc: Exception, stage: Stage
@@ -490,7 +483,7 @@ class Worker:
             self._failing.add(name)
         elif name in self._failing:
             try:
-                await self._store.retry_now(connector=name, now=now)
+                await self._store.change(Event.RETRY_NOW, connector=name, now=now)
             except StoreError as exc:  # the next delivery there tries again
                 log.warning("could not make %r's deferred mail due now: %s", name, exc)
                 return
@@ -503,9 +496,9 @@ class Worker:
             last = row.last_error
             if reply is None:
                 line = codes.expired_reply(last.code if last else None)
-                status, title = Status.EXPIRED, "Message expired"
+                event, title = Event.EXPIRY, "Message expired"
             else:
-                line, status, title = reply, Status.FAILED, "Recipient not found"
+                line, event, title = reply, Event.NOT_FOUND, "Recipient not found"
             error = LastError(
                 codes.status_of(line),
                 line,
@@ -514,9 +507,7 @@ class Worker:
                 last.ip if last else None,
                 now,
             )
-            written.append(
-                Result(row.id, status, now, row.connector, error=error, counts_attempt=False)
-            )
+            written.append(_result(row, event, row.connector, now, error=error))
         await self._write(written, sorted({row.message for row in rows}))
         self._bounce_pending = True
 
@@ -627,6 +618,22 @@ def _detail(exc: Exception) -> str:
     may hold what a hostile envelope brought (CR, invalid UTF-8) and it goes to the store,
     the log and the NDR."""
     return escaped(f"{type(exc).__name__}: {exc}"[:ERROR_DETAIL])
+
+
+def _result(
+    row: RecipientRow,
+    event: Event,
+    connector: str,
+    now: float,
+    *,
+    error: LastError | None = None,
+    retry_at: float | None = None,
+) -> Result:
+    """What `event` makes of a recipient handed out as due (so queued or deferred: the
+    state machine always has a change for it), ready to be written."""
+    change = step(row.state, event, now, retry_at=retry_at)
+    assert change is not None, f"{event} changes nothing for a {row.status} recipient"
+    return Result(row.id, row.status, change, now, connector, error)
 
 
 def _last_error(outcome: Outcome, now: float) -> LastError:

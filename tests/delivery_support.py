@@ -26,7 +26,8 @@ from relay.clock import ManualClock
 from relay.lab.faults import FaultLab, start_lab
 from relay.routing import route
 from relay.server import Relay
-from relay.store import MessageRow, NewMessage, NewRecipient, RecipientRow, Store
+from relay.spool.rows import MessageRow, NewMessage, NewRecipient, RecipientRow
+from relay.store import Store
 from tests.helpers import HOST, example_data, load, make_message, queued_id, send_mail, write_config
 
 SENDER = "alice@contoso.test"  # a local mailbox: its NDRs land in its Maildir

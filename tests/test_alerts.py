@@ -21,7 +21,7 @@ from relay.alerts import NOTIFIED_KEY, Alert, alerts, build_notification, due_no
 from relay.clock import iso
 from relay.config import AlertsConfig
 from relay.policy import Policy
-from relay.store import DigestRow, LastError
+from relay.spool.rows import DigestRow, LastError
 from tests.delivery_support import ClosedPort, ScriptedPeer, closed_port, maildir_messages
 from tests.helpers import example_data, load, queued_id, send_mail
 from tests.ops_support import (

@@ -14,7 +14,8 @@ import pytest
 
 from relay import __version__
 from relay.server import Relay
-from relay.store import LastError, Outcome, Status
+from relay.spool.rows import LastError, Result
+from relay.states import Change, Status
 from tests.helpers import (
     CliResult,
     MakeConfig,
@@ -101,14 +102,20 @@ async def populated(relay: Relay) -> dict[str, int]:
     )
     await relay.store.record(
         [
-            Outcome(delivered.recipients[0].id, Status.DELIVERED, now, "mailbox"),
-            Outcome(
+            Result(
+                delivered.recipients[0].id,
+                Status.QUEUED,
+                Change(Status.DELIVERED, None, attempted=True),
+                now,
+                "mailbox",
+            ),
+            Result(
                 deferred.recipients[0].id,
-                Status.DEFERRED,
+                Status.QUEUED,
+                Change(Status.DEFERRED, now + 60, attempted=True),
                 now,
                 "To on-premises",
-                next_attempt_at=now + 60,
-                error=error,
+                error,
             ),
         ]
     )

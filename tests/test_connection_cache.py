@@ -14,7 +14,7 @@ from relay.delivery import Agent, Parcel
 from relay.lab.faults import FaultLab
 from relay.routing import route
 from relay.server import Relay
-from relay.store import Status
+from relay.states import Status
 from tests.delivery_support import (
     SENDER,
     ScriptedPeer,

@@ -28,7 +28,7 @@ from relay.lab.faults import (
 )
 from relay.policy import DOMAIN_TYPE_KEY
 from relay.server import Relay
-from relay.store import Status
+from relay.states import Status
 from relay.views import message_json
 from relay.worker import RECIPIENT_NOT_FOUND
 from tests.delivery_support import (

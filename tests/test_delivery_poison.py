@@ -23,7 +23,8 @@ from relay.lab.faults import FaultLab
 from relay.resolve import Resolver
 from relay.routing import Route, RouteKind, route
 from relay.server import Relay
-from relay.store import NewMessage, NewRecipient, Status
+from relay.spool.rows import NewMessage, NewRecipient
+from relay.states import Status
 from tests.delivery_support import (
     SENDER,
     ScriptedPeer,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from relay import worker
-from relay.store import Status
+from relay.states import Status
 from tests.delivery_support import (
     ScriptedPeer,
     connector,

@@ -14,7 +14,7 @@ import pytest
 
 from relay.lab.faults import FaultLab
 from relay.server import Relay
-from relay.store import Status
+from relay.states import Status
 from tests.delivery_support import (
     EXTERNAL_SENDER,
     ON_PREMISES,

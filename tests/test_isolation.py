@@ -27,10 +27,13 @@ import pytest
 
 from relay import mailbox, store
 from relay.delivery import Agent, Parcel, Results
+from relay.errors import StoreError
 from relay.resolve import Resolver
 from relay.routing import Route
 from relay.server import Relay
-from relay.store import NewMessage, NewRecipient, Outcome, Status, Store, StoreError
+from relay.spool.rows import NewMessage, NewRecipient, Result
+from relay.states import Change, Status
+from relay.store import Store
 from relay.worker import Worker
 from tests.delivery_support import (
     ScriptedPeer,
@@ -127,8 +130,10 @@ async def test_delivery_results_sharing_a_failing_batch_are_written(tmp_path: Pa
         rows = await queue.due(now=2_000_000_000.0, limit=10)
         assert len(rows) == 4
         at = 1_800_000_100.0
-        delivered = [Outcome(r.id, Status.DELIVERED, at, PARTNER) for r in rows[:3]]
-        deferred = Outcome(rows[3].id, Status.DEFERRED, at, PARTNER, next_attempt_at=at + 60)
+        done = Change(Status.DELIVERED, None, attempted=True)
+        delivered = [Result(r.id, Status.QUEUED, done, at, PARTNER) for r in rows[:3]]
+        later_on = Change(Status.DEFERRED, at + 60, attempted=True)
+        deferred = Result(rows[3].id, Status.QUEUED, later_on, at, PARTNER)
 
         later = [queue.reserve_id() for _ in range(10)]
         bad = later[4]

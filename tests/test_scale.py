@@ -19,7 +19,9 @@ from pathlib import Path
 
 from relay.clock import ManualClock
 from relay.delivery import CONNECTIONS_PER_ROUTE  # the worker's per-route limit
-from relay.store import LastError, NewMessage, NewRecipient, Outcome, Status, Store
+from relay.spool.rows import LastError, NewMessage, NewRecipient, Result
+from relay.states import Change, Status
+from relay.store import Store
 from tests.delivery_support import ClosedPort, Delivered, ScriptedPeer, connector, store_of
 from tests.helpers import HOST, MakeConfig, StartRelay, run_cli_many, smtp_greets
 
@@ -80,13 +82,13 @@ async def _generate_deferred(db: Path, count: int) -> None:
         )
         await store.record(
             [
-                Outcome(
+                Result(
                     rid,
-                    Status.DEFERRED,
+                    Status.QUEUED,
+                    Change(Status.DEFERRED, START + 20 * DAY, attempted=True),
                     START,
                     BIG_CONNECTOR,
-                    next_attempt_at=START + 20 * DAY,
-                    error=error,
+                    error,
                 )
                 for rid in ids
             ]

@@ -26,7 +26,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay import store, worker
 from relay.lab.faults import EsmtpServer, Fault, _Handler
-from relay.store import Status, Store
+from relay.states import Status
+from relay.store import Store
 from tests.delivery_support import (
     connector,
     enqueue,

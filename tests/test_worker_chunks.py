@@ -4,7 +4,8 @@ interleaved, so the destination sees it close to arrival order (issue 6, section
 from __future__ import annotations
 
 from relay.routing import Route, RouteKind
-from relay.store import RecipientRow, Status
+from relay.spool.rows import RecipientRow
+from relay.states import Status
 from relay.worker import _chunks, _Item
 
 ROUTE = Route(RouteKind.MX, "example.test")
