@@ -62,7 +62,6 @@ class Failure(StrEnum):
     NOT_FOUND = "not-found"  # Fix now: its domain is authoritative and it does not exist
 
 
-
 CERTIFICATE_FAILURES = frozenset(
     {Failure.CERT_EXPIRED, Failure.CERT_NAME, Failure.CERT_UNTRUSTED, Failure.CERT_INVALID}
 )

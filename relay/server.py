@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import IO
 
 from relay import alerts
+from relay.agents import DeliveryAgent
+from relay.agents.maildir import MaildirAgent
+from relay.agents.smtp import SmtpAgent
 from relay.clock import Clock
 from relay.config import LoadedConfig
-from relay.delivery import Agent
 from relay.errors import StoreError
 from relay.intake import IntakeHandler, IntakeServer, SessionLimits, start_intake, tls_context
 from relay.policy import Policy
 from relay.resolve import Resolver
+from relay.routing import RouteKind
 from relay.runtime import load_clock_offset, load_policy
 from relay.store import Store
 from relay.worker import Worker, generated_message
@@ -135,19 +138,27 @@ class Relay:
             clock=self.clock,
             config=self.config,
             policy=lambda: self.policy,
-            agent=Agent(
-                resolver=Resolver(
-                    nameservers=self.config.dns.nameservers, timeout=self.config.dns.timeout
-                ),
-                hostname=smtp.hostname,
-            ),
-            mailboxes=self.loaded.path(self.config.mailboxes.path),
+            agents=self._agents(),
         )
         if run_worker:
             self._worker_task = asyncio.create_task(self.worker.run())
         self._watcher = asyncio.create_task(self._watch())
         self._alerter = asyncio.create_task(self._alert_loop())
         log.info("listening on %s, queue %s", smtp.listen, self.db_path)
+
+    def _agents(self) -> dict[RouteKind, DeliveryAgent]:
+        """The delivery agent of each route kind: Maildir for local mailboxes, SMTP (one
+        agent, one connection cache) for connectors and MX."""
+        dns = self.config.dns
+        smtp = SmtpAgent(
+            resolver=Resolver(nameservers=dns.nameservers, timeout=dns.timeout),
+            hostname=self.config.smtp.hostname,
+        )
+        maildir = MaildirAgent(
+            root=self.loaded.path(self.config.mailboxes.path),
+            mailbox_for=lambda address: self.policy.mailbox_for(address),
+        )
+        return {RouteKind.MAILBOX: maildir, RouteKind.CONNECTOR: smtp, RouteKind.MX: smtp}
 
     async def _watch(self) -> None:
         """Pick up the CLI's commits (clock, runtime policy, queue actions)."""

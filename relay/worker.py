@@ -20,14 +20,13 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
-from relay import codes, mailbox, ndr
+from relay import codes, ndr
+from relay.agents import CACHE_TIME_LIMIT, CONNECTIONS_PER_ROUTE, DeliveryAgent, Parcel, Results
 from relay.classify import LOCAL_FAILURES, Failure, Outcome, Stage, WireEvent, classify
 from relay.clock import Clock, to_datetime
 from relay.config import Config, DomainType
-from relay.delivery import CACHE_TIME_LIMIT, CONNECTIONS_PER_ROUTE, Agent, Parcel, Results
 from relay.errors import StoreError
 from relay.headers import rfc5322_date
 from relay.policy import Policy
@@ -105,15 +104,13 @@ class Worker:
         clock: Clock,
         config: Config,
         policy: Callable[[], Policy],
-        agent: Agent,
-        mailboxes: Path,
+        agents: dict[RouteKind, DeliveryAgent],
     ) -> None:
         self._store = store
         self._clock = clock
         self._config = config
         self._policy = policy
-        self._agent = agent
-        self._mailboxes = mailboxes
+        self._agents = agents
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._in_flight: set[int] = set()
@@ -143,12 +140,13 @@ class Worker:
                 full = await self._dispatch()
                 await self._bounce()
                 await self._purge_if_due()
-                await self._agent.close_idle()
+                for agent in self._distinct_agents():
+                    await agent.close_idle()
                 delay = 0.0 if full else await self._sleep_time()
             except Exception:  # keep the relay alive; the next wake-up tries again
                 log.exception("dispatch failed")
                 delay = 5.0
-            if self._agent.has_idle:
+            if any(agent.has_idle for agent in self._distinct_agents()):
                 delay = min(delay, CACHE_TIME_LIMIT)
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -191,7 +189,11 @@ class Worker:
                 for task in late:
                     task.cancel()
                 await asyncio.wait(late, timeout=CANCEL_WAIT)
-        await self._agent.close_idle(older_than=0)
+        for agent in self._distinct_agents():
+            await agent.close_idle(older_than=0)
+
+    def _distinct_agents(self) -> list[DeliveryAgent]:
+        return list({id(a): a for a in self._agents.values()}.values())
 
     async def _sleep_time(self) -> float:
         """Until the next recipient falls due. Everything due now was dispatched (or waits
@@ -271,16 +273,15 @@ class Worker:
             async with self._limits[key]:
                 if self._stopping.is_set():
                     return  # not begun: the recipients stay due for the next start
-                if work.route.kind is RouteKind.MAILBOX:
-                    await self._to_local(work, parcels)
-                else:
-                    await self._to_remote(work, parcels, sizes)
+                await self._through(self._agents[work.route.kind], work, parcels, sizes)
         except Exception as exc:  # before any parcel: reading the envelopes or the content
             await self._defer(work, list(work.unrecorded.values()), exc, Stage.MAIL)
         finally:
             _log_failures(work)
 
-    async def _to_remote(self, work: _Work, parcels: list[Parcel], sizes: dict[int, int]) -> None:
+    async def _through(
+        self, agent: DeliveryAgent, work: _Work, parcels: list[Parcel], sizes: dict[int, int]
+    ) -> None:
         content = await self._loader(sizes)
         left = parcels
         while left and not self._stopping.is_set():
@@ -289,7 +290,7 @@ class Worker:
                 # (it QUITs): after a stop no further parcel is asked for.
                 stream = cast(
                     AsyncGenerator[tuple[Parcel, Results], None],
-                    self._agent.deliver(work.route, left, content),
+                    agent.deliver(work.route, left, content),
                 )
                 async with contextlib.aclosing(stream):
                     async for parcel, results in stream:
@@ -308,15 +309,6 @@ class Worker:
                     return
                 await self._defer(work, work.waiting(left[0]), exc, Stage.MAIL)
                 left = left[1:]
-
-    async def _to_local(self, work: _Work, parcels: list[Parcel]) -> None:
-        for parcel in parcels:
-            if self._stopping.is_set():
-                return  # between parcels: the rest stay due for the next start
-            try:
-                await self._record(work, parcel, await self._to_mailboxes(parcel))
-            except Exception as exc:
-                await self._defer(work, work.waiting(parcel), exc, Stage.DATA)
 
     async def _loader(self, sizes: dict[int, int]) -> Callable[[int], Awaitable[bytes]]:
         """Message content for the agent: small chunks read in one query, big ones one by one
@@ -346,27 +338,6 @@ class Worker:
             if message in envelopes  # deleted from the CLI meanwhile
         ]
         return parcels, {p.message: envelopes[p.message][1] for p in parcels}
-
-    async def _to_mailboxes(self, parcel: Parcel) -> Results:
-        content = await self._store.content(parcel.message)
-        results: Results = {}
-        for rid, address in parcel.recipients:
-            try:
-                await asyncio.to_thread(
-                    mailbox.deliver,
-                    self._mailboxes,
-                    self._policy().mailbox_for(address),
-                    mail_from=parcel.mail_from,
-                    content=content,
-                )
-                results[rid] = None
-            except OSError as exc:  # disk full, permissions: try again later
-                log.error("mailbox %s: %s", address, exc)
-                text = f"4.3.0 Could not write to the mailbox: {exc.strerror or exc}"
-                results[rid] = WireEvent(
-                    Stage.DATA, Failure.REPLY, text, server="mailbox", code=451, reply=text
-                )
-        return results
 
     async def _record(self, work: _Work, parcel: Parcel, results: Results) -> None:
         the_route = work.route

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from relay.agents import Parcel, Results
+from relay.agents.smtp import MAX_PATH, SmtpAgent, unsendable
 from relay.classify import Failure, Stage, classify
 from relay.config import Connector
-from relay.delivery import MAX_PATH, Agent, Parcel, Results, unsendable
 from relay.lab.faults import FaultLab
 from relay.resolve import Resolver
 from relay.routing import Route, RouteKind, route
@@ -56,8 +57,8 @@ def partner_route(port: int) -> Route:
     return Route(RouteKind.CONNECTOR, "partner.test", partner)
 
 
-def new_agent() -> Agent:
-    return Agent(resolver=Resolver(nameservers=[], timeout=1.0), hostname="relay.contoso.test")
+def new_agent() -> SmtpAgent:
+    return SmtpAgent(resolver=Resolver(nameservers=[], timeout=1.0), hostname="relay.contoso.test")
 
 
 def loader(
@@ -70,7 +71,7 @@ def loader(
 
 
 async def deliver_all(
-    agent: Agent,
+    agent: SmtpAgent,
     the_route: Route,
     parcels: Sequence[Parcel],
     content: Callable[[int], Awaitable[bytes]] | None = None,
