@@ -1,4 +1,4 @@
-"""The running relay: the store, the SMTP front end and the delivery worker wired together.
+"""The running relay: the store, the SMTP front end and the queue manager wired together.
 
 `Relay` is what tests start in-process; `serve` adds signal handling for `relay serve`.
 """
@@ -26,11 +26,11 @@ from relay.config import LoadedConfig
 from relay.errors import StoreError
 from relay.intake import IntakeHandler, IntakeServer, SessionLimits, start_intake, tls_context
 from relay.policy import Policy
+from relay.qmgr import QueueManager, generated_message
 from relay.resolve import Resolver
 from relay.routing import RouteKind
 from relay.runtime import load_clock_offset, load_policy
 from relay.store import Store
-from relay.worker import Worker, generated_message
 
 log = logging.getLogger("relay.server")
 
@@ -61,7 +61,7 @@ class Relay:
         self._server: IntakeServer | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._lock: IO[bytes] | None = None
-        self.worker: Worker | None = None
+        self.worker: QueueManager | None = None  # the queue manager
         self._worker_task: asyncio.Task[None] | None = None
         self._alerter: asyncio.Task[None] | None = None
         self._changes = 0  # commits seen, ours and other processes'
@@ -133,12 +133,17 @@ class Relay:
                 max_connections_per_client=smtp.max_connections_per_client,
             ),
         )
-        self.worker = Worker(
-            store=store,
+        queue = self.config.queue
+        self.worker = QueueManager(
+            spool=store,
             clock=self.clock,
-            config=self.config,
             policy=lambda: self.policy,
             agents=self._agents(),
+            retry_schedule=queue.retry_schedule,
+            message_expiration=queue.message_expiration,
+            retention=queue.retention,
+            hostname=smtp.hostname,
+            postmaster=f"postmaster@{self.config.default_domain}",
         )
         if run_worker:
             self._worker_task = asyncio.create_task(self.worker.run())
@@ -230,7 +235,8 @@ class Relay:
                     to=settings.notify,
                     content=content,
                     now=now,
-                    config=self.config,
+                    hostname=self.config.smtp.hostname,
+                    message_expiration=self.config.queue.message_expiration,
                     policy=self.policy,
                 )
             )

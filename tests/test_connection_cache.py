@@ -55,7 +55,7 @@ async def test_idle_connections_are_closed_after_the_time_limit(
         await submit(relay, to="a@partner.test")
         await run_once(relay)
         assert relay.worker is not None
-        agent = relay.worker._agents[RouteKind.CONNECTOR]
+        agent = relay.worker.agents[RouteKind.CONNECTOR]
         assert agent.has_idle
 
         await agent.close_idle(older_than=0)
@@ -86,7 +86,7 @@ async def test_a_cached_connection_the_server_dropped_is_replaced(
 
 def _agent(relay: Relay) -> DeliveryAgent:
     assert relay.worker is not None
-    return relay.worker._agents[RouteKind.CONNECTOR]
+    return relay.worker.agents[RouteKind.CONNECTOR]
 
 
 async def _content(message: int) -> bytes:

@@ -29,13 +29,13 @@ from relay import store
 from relay.agents import Parcel, Results, maildir
 from relay.agents.smtp import SmtpAgent
 from relay.errors import StoreError
+from relay.qmgr import QueueManager
 from relay.resolve import Resolver
 from relay.routing import Route, RouteKind
 from relay.server import Relay
 from relay.spool.rows import NewMessage, NewRecipient, Result
 from relay.states import Change, Status
 from relay.store import Store
-from relay.worker import Worker
 from tests.delivery_support import (
     ScriptedPeer,
     advance,
@@ -219,15 +219,20 @@ class PoisonAgent(SmtpAgent):
 
 
 def use_agent(relay: Relay, agent: SmtpAgent) -> None:
-    """Give the relay a worker of its own making around `agent` (the worker's public
-    constructor; Relay.stop() stops whichever worker it holds)."""
+    """Give the relay a queue manager of its own making around `agent` for SMTP routes
+    (the public constructor; Relay.stop() stops whichever queue manager it holds)."""
     assert relay.worker is not None
-    relay.worker = Worker(
-        store=store_of(relay),
+    config = relay.config
+    relay.worker = QueueManager(
+        spool=store_of(relay),
         clock=relay.clock,
-        config=relay.config,
         policy=lambda: relay.policy,
-        agents={**relay.worker._agents, RouteKind.CONNECTOR: agent, RouteKind.MX: agent},
+        agents={**relay.worker.agents, RouteKind.CONNECTOR: agent, RouteKind.MX: agent},
+        retry_schedule=config.queue.retry_schedule,
+        message_expiration=config.queue.message_expiration,
+        retention=config.queue.retention,
+        hostname=config.smtp.hostname,
+        postmaster=f"postmaster@{config.default_domain}",
     )
 
 
