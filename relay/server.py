@@ -254,7 +254,7 @@ class Relay:
         """Stop accepting and starting work, let what is under way finish within `grace`,
         then close the queue. A second call does nothing.
 
-        The intake stops listening first; then it and the worker wind down side by side,
+        The intake stops listening first; then it and the queue manager wind down side by side,
         so the whole stop takes one grace, not two: sessions in DATA finish while the
         deliveries start no new transaction and finish the ones under way, with their
         results written. The store closes last, once nothing is left to write.
@@ -263,7 +263,7 @@ class Relay:
             return
         self._stopped = True
         for task in (self._watcher, self._alerter, self._worker_task):
-            if task is not None:  # the worker's loop: nothing more is dispatched
+            if task is not None:  # the queue manager's loop: nothing more is dispatched
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

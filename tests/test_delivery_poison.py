@@ -185,9 +185,10 @@ async def test_an_unexpected_exception_defers_its_recipient_to_the_next_interval
 
         row = await recipient(relay, garbled)
         assert row.status is Status.DEFERRED
-        # A second attempt in this pass comes from the worker, not the agent: "fine" got
-        # through after "garbled" failed, so the connector counts as back and its deferred
-        # mail is made due at once (Worker._note_connector), once. Never more than that.
+        # A second attempt in this pass comes from the queue manager, not the agent: "fine"
+        # got through after "garbled" failed, so the connector counts as back and its
+        # deferred mail is made due at once (relay.qmgr.results, connector health), once.
+        # Never more than that.
         assert row.attempts in (1, 2)
         assert row.next_attempt_at == relay.clock.now() + SCHEDULE[row.attempts - 1]
         assert row.last_error is not None
