@@ -5,7 +5,7 @@ for a big one (issue 10, item 6).
     .venv/bin/python bench/delivery_data.py hot --messages 3000 --rounds 5
     .venv/bin/python bench/delivery_data.py rss --size 35000000
 
-Both drive `relay.delivery.Agent` directly (no intake, no store) against Postfix's
+Both drive `relay.agents.smtp.SmtpAgent` directly (no intake, no store) against Postfix's
 `smtp-sink` in its own process on a free loopback port, so the sink's memory and CPU never
 count. `hot` sends N 2 KB messages over one connection per round and prints wall time and
 this process's CPU time per message (CPU is steadier than wall time on a shared machine).
@@ -30,8 +30,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from relay.agents import Parcel
+from relay.agents.smtp import SmtpAgent
 from relay.config import Connector, TlsPolicy
-from relay.delivery import Agent, Parcel
 from relay.resolve import Resolver
 from relay.routing import Route, RouteKind
 
@@ -84,7 +85,7 @@ def message(size: int) -> bytes:
     return head + body.replace(b"\n", b"\r\n")[: max(0, size - len(head))] + b"\r\n"
 
 
-async def deliver(agent: Agent, route: Route, parcels: list[Parcel], content: bytes) -> int:
+async def deliver(agent: SmtpAgent, route: Route, parcels: list[Parcel], content: bytes) -> int:
     async def load(_: int) -> bytes:
         return content
 
@@ -94,8 +95,8 @@ async def deliver(agent: Agent, route: Route, parcels: list[Parcel], content: by
     return delivered
 
 
-def agent() -> Agent:
-    return Agent(resolver=Resolver(nameservers=[], timeout=2), hostname="relay.bench.test")
+def agent() -> SmtpAgent:
+    return SmtpAgent(resolver=Resolver(nameservers=[], timeout=2), hostname="relay.bench.test")
 
 
 async def hot(messages: int, rounds: int, size: int) -> None:

@@ -31,7 +31,7 @@ B. **Comes back** (``--comeback`` M, default 10,000): M messages queued (through
    every message delivered exactly once (sink side: each ``u<n>`` once; relay side:
    ``queue list --status delivered`` shows M, nothing queued or deferred), the time from
    the retry to the sink's last message and to an empty queue, the most simultaneous
-   connections the sink saw (limit: ``CONNECTIONS_PER_ROUTE``, relay/delivery.py), and how far
+   connections the sink saw (limit: ``CONNECTIONS_PER_ROUTE``, relay/agents/__init__.py), and how far
    the sink's arrival order is from queue order (the relay deals a route's mail to up to 10
    parallel connections in turn, so the global order is close to queue order but not exact;
    each connection's own order is checked separately).
@@ -576,7 +576,7 @@ def scenario_scale(
 def scenario_comeback(
     args: argparse.Namespace, workdir: Path, rows: list[Row], commands: list[str]
 ) -> None:
-    from relay.delivery import CONNECTIONS_PER_ROUTE  # the worker's limit per route
+    from relay.agents import CONNECTIONS_PER_ROUTE  # the queue manager's limit per route
 
     relay, m = args.relay_bin, args.comeback
     closed = ClosedPort()

@@ -3,7 +3,9 @@
 Pure. The delivery agent reports a `WireEvent` (where the session was, what failed, the
 remote's reply if it gave one); `classify` turns it into an `Outcome`: the mail flow
 intelligence code (shared/seed/mail-flow-intelligence.md), whether to retry, and the
-Exchange Online "last error" line the queue shows.
+Exchange Online "last error" line the queue shows. The queue manager's own verdicts, a
+recipient that expired or that Fix now found missing, are events of this table too
+(`expiry`, `not_found`): no other module writes a last error line.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Stage(StrEnum):
     MAIL = "mail"
     RCPT = "rcpt"
     DATA = "data"
+    QUEUE = "queue"  # not on the wire: the queue manager gave up on it (expiry, Fix now)
 
 
 class Failure(StrEnum):
@@ -54,6 +57,9 @@ class Failure(StrEnum):
     # Nor this: the relay itself failed while delivering (an unexpected exception). The
     # recipient waits for its next retry interval, with the reason as its last error.
     INTERNAL = "internal"
+    # Nor these: no attempt was made, the queue manager gave up on the recipient.
+    EXPIRED = "expired"  # its message's time in the queue is up
+    NOT_FOUND = "not-found"  # Fix now: its domain is authoritative and it does not exist
 
 
 CERTIFICATE_FAILURES = frozenset(
@@ -61,6 +67,8 @@ CERTIFICATE_FAILURES = frozenset(
 )
 # The relay's own doing: they say nothing about whether the destination is reachable.
 LOCAL_FAILURES = frozenset({Failure.UNSENDABLE, Failure.INTERNAL})
+# The queue manager's verdicts, without an attempt (relay.states' give-up events).
+GIVE_UP_FAILURES = frozenset({Failure.EXPIRED, Failure.NOT_FOUND})
 DNS_FAILURES = frozenset(
     {Failure.DNS_NXDOMAIN, Failure.DNS_SERVFAIL, Failure.DNS_NO_ANSWER, Failure.DNS_TIMEOUT}
 )
@@ -76,6 +84,7 @@ class WireEvent:
     port: int | None = None
     code: int | None = None  # the remote's reply code, for Failure.REPLY
     reply: str = ""  # the remote's reply text, for Failure.REPLY
+    last_code: str | None = None  # for Failure.EXPIRED: the last attempt's code, which it names
 
 
 class Verdict(StrEnum):
@@ -126,6 +135,24 @@ LOCAL_ERROR = "451 4.3.0 Error: local error in processing"
 # A recipient domain that does not exist fails at once, like Exchange Online's NDR.
 DOMAIN_NOT_FOUND = "550 5.4.310 DNS domain {domain} does not exist"
 
+# Fix now (an internal_relay domain made authoritative): queued mail for addresses that do
+# not exist there fails at once, as Exchange Online's recipient resolution does.
+RECIPIENT_NOT_FOUND = (
+    "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
+)
+
+
+def expiry(*, last_code: str | None, server: str | None, ip: str | None) -> WireEvent:
+    """A recipient whose message expired: its line follows the last attempt's mail flow code
+    (`codes.expired_reply`), and it keeps that attempt's server and LastAttemptedIP (`ip` as
+    recorded, "ip:port")."""
+    return WireEvent(Stage.QUEUE, Failure.EXPIRED, "", server=server, ip=ip, last_code=last_code)
+
+
+def not_found(*, server: str | None, ip: str | None) -> WireEvent:
+    """A recipient Fix now found missing; it keeps its last attempt's server and ip."""
+    return WireEvent(Stage.QUEUE, Failure.NOT_FOUND, "", server=server, ip=ip)
+
 
 def classify(event: WireEvent) -> Outcome:
     # A remote's reply (or an exception's text) may hold a CR or bytes that are not UTF-8
@@ -172,6 +199,10 @@ def classify(event: WireEvent) -> Outcome:
             event.server,
             endpoint,
         )
+    if event.failure is Failure.EXPIRED:
+        return _given_up(codes.expired_reply(event.last_code), "Message expired", event, endpoint)
+    if event.failure is Failure.NOT_FOUND:
+        return _given_up(RECIPIENT_NOT_FOUND, "Recipient not found", event, endpoint)
     mail_flow = _TABLE[event.failure]
     line = codes.led(
         mail_flow,
@@ -224,6 +255,20 @@ def _remote_reply(event: WireEvent, endpoint: str | None) -> Outcome:
         event.server,
         endpoint,
         final_reply=remote,
+    )
+
+
+def _given_up(line: str, title: str, event: WireEvent, endpoint: str | None) -> Outcome:
+    """Final without an attempt: the line is the verdict the queue shows and the NDR quotes."""
+    return Outcome(
+        Verdict.PERMANENT,
+        codes.status_of(line),
+        title,
+        line,
+        None,
+        event.server,
+        endpoint,
+        final_reply=line,
     )
 
 

@@ -1,4 +1,4 @@
-"""The running relay: the store, the SMTP front end and the delivery worker wired together.
+"""The running relay: the store, the SMTP front end and the queue manager wired together.
 
 `Relay` is what tests start in-process; `serve` adds signal handling for `relay serve`.
 """
@@ -18,16 +18,19 @@ from pathlib import Path
 from typing import IO
 
 from relay import alerts
+from relay.agents import DeliveryAgent
+from relay.agents.maildir import MaildirAgent
+from relay.agents.smtp import SmtpAgent
 from relay.clock import Clock
 from relay.config import LoadedConfig
-from relay.delivery import Agent
 from relay.errors import StoreError
 from relay.intake import IntakeHandler, IntakeServer, SessionLimits, start_intake, tls_context
 from relay.policy import Policy
+from relay.qmgr import QueueManager, generated_message
 from relay.resolve import Resolver
+from relay.routing import RouteKind
 from relay.runtime import load_clock_offset, load_policy
 from relay.store import Store
-from relay.worker import Worker, generated_message
 
 log = logging.getLogger("relay.server")
 
@@ -58,7 +61,7 @@ class Relay:
         self._server: IntakeServer | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._lock: IO[bytes] | None = None
-        self.worker: Worker | None = None
+        self.worker: QueueManager | None = None  # the queue manager
         self._worker_task: asyncio.Task[None] | None = None
         self._alerter: asyncio.Task[None] | None = None
         self._changes = 0  # commits seen, ours and other processes'
@@ -130,24 +133,37 @@ class Relay:
                 max_connections_per_client=smtp.max_connections_per_client,
             ),
         )
-        self.worker = Worker(
-            store=store,
+        queue = self.config.queue
+        self.worker = QueueManager(
+            spool=store,
             clock=self.clock,
-            config=self.config,
             policy=lambda: self.policy,
-            agent=Agent(
-                resolver=Resolver(
-                    nameservers=self.config.dns.nameservers, timeout=self.config.dns.timeout
-                ),
-                hostname=smtp.hostname,
-            ),
-            mailboxes=self.loaded.path(self.config.mailboxes.path),
+            agents=self._agents(),
+            retry_schedule=queue.retry_schedule,
+            message_expiration=queue.message_expiration,
+            retention=queue.retention,
+            hostname=smtp.hostname,
+            postmaster=f"postmaster@{self.config.default_domain}",
         )
         if run_worker:
             self._worker_task = asyncio.create_task(self.worker.run())
         self._watcher = asyncio.create_task(self._watch())
         self._alerter = asyncio.create_task(self._alert_loop())
         log.info("listening on %s, queue %s", smtp.listen, self.db_path)
+
+    def _agents(self) -> dict[RouteKind, DeliveryAgent]:
+        """The delivery agent of each route kind: Maildir for local mailboxes, SMTP (one
+        agent, one connection cache) for connectors and MX."""
+        dns = self.config.dns
+        smtp = SmtpAgent(
+            resolver=Resolver(nameservers=dns.nameservers, timeout=dns.timeout),
+            hostname=self.config.smtp.hostname,
+        )
+        maildir = MaildirAgent(
+            root=self.loaded.path(self.config.mailboxes.path),
+            mailbox_for=lambda address: self.policy.mailbox_for(address),
+        )
+        return {RouteKind.MAILBOX: maildir, RouteKind.CONNECTOR: smtp, RouteKind.MX: smtp}
 
     async def _watch(self) -> None:
         """Pick up the CLI's commits (clock, runtime policy, queue actions)."""
@@ -219,7 +235,8 @@ class Relay:
                     to=settings.notify,
                     content=content,
                     now=now,
-                    config=self.config,
+                    hostname=self.config.smtp.hostname,
+                    message_expiration=self.config.queue.message_expiration,
                     policy=self.policy,
                 )
             )
@@ -237,7 +254,7 @@ class Relay:
         """Stop accepting and starting work, let what is under way finish within `grace`,
         then close the queue. A second call does nothing.
 
-        The intake stops listening first; then it and the worker wind down side by side,
+        The intake stops listening first; then it and the queue manager wind down side by side,
         so the whole stop takes one grace, not two: sessions in DATA finish while the
         deliveries start no new transaction and finish the ones under way, with their
         results written. The store closes last, once nothing is left to write.
@@ -246,7 +263,7 @@ class Relay:
             return
         self._stopped = True
         for task in (self._watcher, self._alerter, self._worker_task):
-            if task is not None:  # the worker's loop: nothing more is dispatched
+            if task is not None:  # the queue manager's loop: nothing more is dispatched
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

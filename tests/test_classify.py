@@ -8,11 +8,16 @@ from relay import codes
 from relay.classify import (
     CERTIFICATE_FAILURES,
     DNS_FAILURES,
+    GIVE_UP_FAILURES,
+    LOCAL_FAILURES,
+    RECIPIENT_NOT_FOUND,
     Failure,
     Stage,
     Verdict,
     WireEvent,
     classify,
+    expiry,
+    not_found,
 )
 
 SERVER = "mail.onprem.contoso.test"
@@ -39,7 +44,11 @@ TABLE: dict[Failure, tuple[Stage, codes.MailFlowCode]] = {
 
 def test_the_table_covers_every_failure_but_replies_missing_domains_and_our_own() -> None:
     ours = {Failure.UNSENDABLE, Failure.INTERNAL}  # the relay's doing, not the destination's
-    assert set(TABLE) | {Failure.REPLY, Failure.DOMAIN_NXDOMAIN} | ours == set(Failure)
+    assert ours == LOCAL_FAILURES
+    # The queue manager's verdicts without an attempt: an expiry, a Fix now not found.
+    given_up = {Failure.EXPIRED, Failure.NOT_FOUND}
+    assert given_up == GIVE_UP_FAILURES
+    assert set(TABLE) | {Failure.REPLY, Failure.DOMAIN_NXDOMAIN} | ours | given_up == set(Failure)
 
 
 @pytest.mark.parametrize("failure", list(TABLE), ids=str)
@@ -258,3 +267,44 @@ def test_a_reply_with_control_characters_or_bad_utf8_is_escaped() -> None:
     assert "\r" not in outcome.reply and "\udcff" not in outcome.reply
     assert outcome.final_reply == "550 5.1.1 no such user X-Injected: yes \\xff"
     outcome.reply.encode("utf-8")  # storable
+
+
+@pytest.mark.parametrize(
+    ("last_code", "line"),
+    [
+        ("4.4.316", "550 5.4.316 Message expired, connection refused"),
+        ("4.4.312", "550 5.4.312 Message expired, DNS query failed"),
+        ("4.7.1", "550 4.4.7 QUEUE.Expired; message expired"),  # a remote's code: no mail flow
+        (None, "550 4.4.7 QUEUE.Expired; message expired"),  # never tried
+    ],
+)
+def test_an_expiry_names_the_last_mail_flow_code(last_code: str | None, line: str) -> None:
+    outcome = classify(expiry(last_code=last_code, server=SERVER, ip=f"{IP}:25"))
+    assert outcome.permanent
+    assert outcome.code == codes.status_of(line)
+    assert outcome.title == "Message expired"
+    assert outcome.reply == line
+    assert outcome.final_reply == line
+    assert outcome.mail_flow is None
+    # The last attempt's server and LastAttemptedIP stay, as they were recorded.
+    assert outcome.server == SERVER
+    assert outcome.ip == f"{IP}:25"
+
+
+def test_an_expiry_keeps_a_bracketed_ipv6_endpoint_and_no_server() -> None:
+    assert classify(expiry(last_code=None, server=None, ip="[::1]:25")).ip == "[::1]:25"
+    never = classify(expiry(last_code=None, server=None, ip=None))
+    assert never.server is None and never.ip is None
+
+
+def test_fix_now_not_found_is_exchanges_resolver_line() -> None:
+    outcome = classify(not_found(server=SERVER, ip=f"{IP}:25"))
+    assert outcome.permanent
+    assert outcome.reply == RECIPIENT_NOT_FOUND
+    assert outcome.reply == (
+        "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
+    )
+    assert outcome.code == "5.1.10"
+    assert outcome.title == "Recipient not found"
+    assert outcome.final_reply == outcome.reply
+    assert (outcome.server, outcome.ip) == (SERVER, f"{IP}:25")

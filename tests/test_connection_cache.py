@@ -10,9 +10,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from relay.delivery import Agent, Parcel
+from relay.agents import DeliveryAgent, Parcel
 from relay.lab.faults import FaultLab
-from relay.routing import route
+from relay.routing import RouteKind, route
 from relay.server import Relay
 from relay.states import Status
 from tests.delivery_support import (
@@ -55,7 +55,7 @@ async def test_idle_connections_are_closed_after_the_time_limit(
         await submit(relay, to="a@partner.test")
         await run_once(relay)
         assert relay.worker is not None
-        agent = relay.worker._agent
+        agent = relay.worker.agents[RouteKind.CONNECTOR]
         assert agent.has_idle
 
         await agent.close_idle(older_than=0)
@@ -84,9 +84,9 @@ async def test_a_cached_connection_the_server_dropped_is_replaced(
             assert again.connections == 1
 
 
-def _agent(relay: Relay) -> Agent:
+def _agent(relay: Relay) -> DeliveryAgent:
     assert relay.worker is not None
-    return relay.worker._agent
+    return relay.worker.agents[RouteKind.CONNECTOR]
 
 
 async def _content(message: int) -> bytes:

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from relay import delivery
+from relay.agents import smtp
+from relay.classify import RECIPIENT_NOT_FOUND
 from relay.lab.faults import (
     EXPECTED,
     GREETING_421_REPLY,
@@ -30,7 +31,6 @@ from relay.policy import DOMAIN_TYPE_KEY
 from relay.server import Relay
 from relay.states import Status
 from relay.views import message_json
-from relay.worker import RECIPIENT_NOT_FOUND
 from tests.delivery_support import (
     EXTERNAL_SENDER,
     ON_PREMISES,
@@ -277,7 +277,7 @@ async def test_several_recipients_in_one_transaction_get_their_own_results(
     RCPTs arrive together; the relay must read every one of them. A short command timeout
     keeps a relay that loses them from stalling the suite for a minute.
     """
-    monkeypatch.setattr(delivery, "COMMAND_TIMEOUT", 3.0)
+    monkeypatch.setattr(smtp, "COMMAND_TIMEOUT", 3.0)
 
     def rcpt_reply(address: str) -> str:
         return "550 5.1.1 User unknown" if address.startswith("nobody@") else "250 2.1.5 OK"
@@ -337,8 +337,8 @@ async def test_a_server_that_stops_answering_is_given_up_on_and_not_reused(
     recipient is deferred with 4.4.315 and the stage in the reply, and the next message
     opens a new connection instead of reusing the hung one (and takes the deferred one
     along: the connector is back)."""
-    monkeypatch.setattr(delivery, "COMMAND_TIMEOUT", 1.0)
-    monkeypatch.setattr(delivery, "DATA_TIMEOUT", 1.0)
+    monkeypatch.setattr(smtp, "COMMAND_TIMEOUT", 1.0)
+    monkeypatch.setattr(smtp, "DATA_TIMEOUT", 1.0)
     async with ScriptedPeer(silent_at=stage) as peer, _peer_relay(tmp_path, lab, peer) as relay:
         first = await submit(relay, to="a@partner.test", subject="first")
         await run_once(relay)

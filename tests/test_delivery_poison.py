@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from relay.agents import Parcel, Results
+from relay.agents.smtp import MAX_PATH, SmtpAgent, unsendable
 from relay.classify import Failure, Stage, classify
 from relay.config import Connector
-from relay.delivery import MAX_PATH, Agent, Parcel, Results, unsendable
 from relay.lab.faults import FaultLab
 from relay.resolve import Resolver
 from relay.routing import Route, RouteKind, route
@@ -56,8 +57,8 @@ def partner_route(port: int) -> Route:
     return Route(RouteKind.CONNECTOR, "partner.test", partner)
 
 
-def new_agent() -> Agent:
-    return Agent(resolver=Resolver(nameservers=[], timeout=1.0), hostname="relay.contoso.test")
+def new_agent() -> SmtpAgent:
+    return SmtpAgent(resolver=Resolver(nameservers=[], timeout=1.0), hostname="relay.contoso.test")
 
 
 def loader(
@@ -70,7 +71,7 @@ def loader(
 
 
 async def deliver_all(
-    agent: Agent,
+    agent: SmtpAgent,
     the_route: Route,
     parcels: Sequence[Parcel],
     content: Callable[[int], Awaitable[bytes]] | None = None,
@@ -184,9 +185,10 @@ async def test_an_unexpected_exception_defers_its_recipient_to_the_next_interval
 
         row = await recipient(relay, garbled)
         assert row.status is Status.DEFERRED
-        # A second attempt in this pass comes from the worker, not the agent: "fine" got
-        # through after "garbled" failed, so the connector counts as back and its deferred
-        # mail is made due at once (Worker._note_connector), once. Never more than that.
+        # A second attempt in this pass comes from the queue manager, not the agent: "fine"
+        # got through after "garbled" failed, so the connector counts as back and its
+        # deferred mail is made due at once (relay.qmgr.results, connector health), once.
+        # Never more than that.
         assert row.attempts in (1, 2)
         assert row.next_attempt_at == relay.clock.now() + SCHEDULE[row.attempts - 1]
         assert row.last_error is not None

@@ -25,10 +25,10 @@ from aiosmtplib.protocol import (
     normalize_message_line_endings,
 )
 
-from relay import delivery
+from relay.agents import Parcel, Results, smtp
+from relay.agents.smtp import DATA_CHUNK, SmtpAgent, data_chunks
 from relay.classify import Failure, Stage, classify
 from relay.config import Connector
-from relay.delivery import DATA_CHUNK, Agent, Parcel, Results, data_chunks
 from relay.resolve import Resolver
 from relay.routing import Route, RouteKind
 from tests.delivery_support import SENDER, ScriptedPeer, connector
@@ -111,7 +111,7 @@ def test_an_empty_message_is_one_empty_line() -> None:
 def test_aiosmtplib_is_the_version_the_stream_was_written_for() -> None:
     major, minor = (int(part) for part in aiosmtplib.__version__.split(".")[:2])
     assert (major, minor) == (5, 1), (
-        f"aiosmtplib {aiosmtplib.__version__}: relay/delivery.py (Session._stream) uses "
+        f"aiosmtplib {aiosmtplib.__version__}: relay/agents/smtp.py (Session._stream) uses "
         "aiosmtplib 5.1's SMTPProtocol internals; check them against the new version "
         "(this file's tests), then move the bound in pyproject.toml"
     )
@@ -154,7 +154,7 @@ def partner_route(port: int) -> Route:
 
 
 async def send_through_agent(port: int, content: bytes) -> Results:
-    agent = Agent(resolver=Resolver(nameservers=[], timeout=1.0), hostname="relay.contoso.test")
+    agent = SmtpAgent(resolver=Resolver(nameservers=[], timeout=1.0), hostname="relay.contoso.test")
 
     async def load(message: int) -> bytes:
         return content
@@ -285,8 +285,8 @@ async def test_a_refusal_during_the_content_is_the_parcels_result(
 ) -> None:
     """A server may answer before the final "." and read on (RFC 5321 does not forbid it):
     the reply is kept and reported, not dropped for arriving before we asked."""
-    monkeypatch.setattr(delivery, "COMMAND_TIMEOUT", 2.0)
-    monkeypatch.setattr(delivery, "DATA_TIMEOUT", 2.0)
+    monkeypatch.setattr(smtp, "COMMAND_TIMEOUT", 2.0)
+    monkeypatch.setattr(smtp, "DATA_TIMEOUT", 2.0)
     async with DataPeer("refuse-early") as peer:
         results = await send_through_agent(peer.port, FILL * 120)  # still sending at 552
 
@@ -303,8 +303,8 @@ async def test_a_server_that_stops_reading_the_content_times_out_on_the_transact
     """The chunks wait for the socket: with a server that reads nothing, what the relay has
     buffered stays about one chunk (aiosmtplib's single write buffered all 26 MB), and the
     transaction's deadline still ends it."""
-    monkeypatch.setattr(delivery, "COMMAND_TIMEOUT", 1.0)
-    monkeypatch.setattr(delivery, "DATA_TIMEOUT", 1.0)
+    monkeypatch.setattr(smtp, "COMMAND_TIMEOUT", 1.0)
+    monkeypatch.setattr(smtp, "DATA_TIMEOUT", 1.0)
     buffered: list[int] = []
     write = SMTPProtocol.write
 

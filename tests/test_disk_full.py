@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import worker
+from relay.qmgr import scheduler
 from relay.states import Status
 from tests.delivery_support import (
     ScriptedPeer,
@@ -99,7 +99,7 @@ def sink_subjects(peer: ScriptedPeer) -> Counter[str]:
 async def test_a_full_disk_loses_nothing_acknowledged_and_sends_nothing_twice(
     tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(worker, "PARCELS_PER_CONNECTION", 4)  # five connections for 20
+    monkeypatch.setattr(scheduler, "PARCELS_PER_CONNECTION", 4)  # five connections for 20
     async with ScriptedPeer() as peer:
         config = write_config(
             tmp_path,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import mailbox
+from relay.agents import maildir
 from relay.server import Relay
 from tests.delivery_support import maildir_messages
 from tests.helpers import (
@@ -303,7 +303,7 @@ async def test_replies_never_echo_control_characters(relay_server: Relay) -> Non
 def test_maildir_trace_fields_cannot_carry_a_header(tmp_path: Path) -> None:
     """Defence in depth for mail queued before intake refused such senders: Return-Path and
     Delivered-To are written with control characters shown as "?" (Postfix's printable())."""
-    mailbox.deliver(
+    maildir.write_message(
         tmp_path,
         "alice@contoso.test",
         mail_from='"a\rX-Evil: 1"@fabrikam.test',

@@ -25,16 +25,17 @@ from typing import Any
 
 import pytest
 
-from relay import mailbox, store
-from relay.delivery import Agent, Parcel, Results
+from relay import store
+from relay.agents import Parcel, Results, maildir
+from relay.agents.smtp import SmtpAgent
 from relay.errors import StoreError
+from relay.qmgr import QueueManager
 from relay.resolve import Resolver
-from relay.routing import Route
+from relay.routing import Route, RouteKind
 from relay.server import Relay
 from relay.spool.rows import NewMessage, NewRecipient, Result
 from relay.states import Change, Status
 from relay.store import Store
-from relay.worker import Worker
 from tests.delivery_support import (
     ScriptedPeer,
     advance,
@@ -192,7 +193,7 @@ async def test_an_unbindable_sender_over_smtp_costs_no_one_else_their_250(
 # ---- the worker: an exception while delivering one message ---------------------------------
 
 
-class PoisonAgent(Agent):
+class PoisonAgent(SmtpAgent):
     """The real agent, except that loading one message's content raises: an unexpected
     exception from inside `deliver`, in the middle of a chunk (as a ValueError from the
     SMTP client library would be)."""
@@ -217,17 +218,21 @@ class PoisonAgent(Agent):
         return super().deliver(route, parcels, poisoned)
 
 
-def use_agent(relay: Relay, agent: Agent) -> None:
-    """Give the relay a worker of its own making around `agent` (the worker's public
-    constructor; Relay.stop() stops whichever worker it holds)."""
+def use_agent(relay: Relay, agent: SmtpAgent) -> None:
+    """Give the relay a queue manager of its own making around `agent` for SMTP routes
+    (the public constructor; Relay.stop() stops whichever queue manager it holds)."""
     assert relay.worker is not None
-    relay.worker = Worker(
-        store=store_of(relay),
+    config = relay.config
+    relay.worker = QueueManager(
+        spool=store_of(relay),
         clock=relay.clock,
-        config=relay.config,
         policy=lambda: relay.policy,
-        agent=agent,
-        mailboxes=relay.loaded.path(relay.config.mailboxes.path),
+        agents={**relay.worker.agents, RouteKind.CONNECTOR: agent, RouteKind.MX: agent},
+        retry_schedule=config.queue.retry_schedule,
+        message_expiration=config.queue.message_expiration,
+        retention=config.queue.retention,
+        hostname=config.smtp.hostname,
+        postmaster=f"postmaster@{config.default_domain}",
     )
 
 
@@ -322,14 +327,14 @@ async def test_an_exception_writing_one_mailbox_message_defers_it_alone(
 ) -> None:
     """Local delivery: a write that raises something other than OSError for one message
     defers that one (4.3.0); the next message to the same mailbox is delivered."""
-    real = mailbox.deliver
+    real = maildir.write_message
 
     def deliver(root: Path, address: str, *, mail_from: str, content: bytes) -> str:
         if b"Subject: poison" in content:
             raise RuntimeError("the Maildir library broke")
         return real(root, address, mail_from=mail_from, content=content)
 
-    monkeypatch.setattr(mailbox, "deliver", deliver)
+    monkeypatch.setattr(maildir, "write_message", deliver)
     relay = relay_server
     poison = await enqueue(
         relay, to="alice@contoso.test", mail_from="s@fabrikam.test", subject="poison"

@@ -17,8 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.agents import CONNECTIONS_PER_ROUTE  # the queue manager's per-route limit
 from relay.clock import ManualClock
-from relay.delivery import CONNECTIONS_PER_ROUTE  # the worker's per-route limit
 from relay.spool.rows import LastError, NewMessage, NewRecipient, Result
 from relay.states import Change, Status
 from relay.store import Store

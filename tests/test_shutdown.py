@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import store, worker
+from relay import store
 from relay.lab.faults import EsmtpServer, Fault, _Handler
+from relay.qmgr import scheduler
 from relay.states import Status
 from relay.store import Store
 from tests.delivery_support import (
@@ -134,7 +135,7 @@ async def test_stop_under_load_finishes_transactions_under_way_and_starts_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Six connections with ten messages each: every delivery task outlasts the grace.
-    monkeypatch.setattr(worker, "PARCELS_PER_CONNECTION", 10)
+    monkeypatch.setattr(scheduler, "PARCELS_PER_CONNECTION", 10)
     async with SlowSink() as sink:
         config = partner_config(tmp_path, sink)
         async with manual_relay(config) as relay:  # its stop at the end does nothing more

@@ -1,6 +1,6 @@
-"""The delivery agent: resolve, connect, apply the connector's TLS policy, run the SMTP
+"""The SMTP delivery agent: resolve, connect, apply the connector's TLS policy, run the SMTP
 transaction, and report per recipient what happened on the wire. It decides nothing:
-`relay.classify` turns its `WireEvent`s into outcomes, and the worker writes them.
+`relay.classify` turns its `WireEvent`s into outcomes, and the queue manager writes them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
+from relay.agents import CACHE_TIME_LIMIT, CONNECTIONS_PER_ROUTE, Content, Parcel, Results
 from relay.classify import Failure, Stage, WireEvent
 from relay.config import TlsPolicy
 from relay.resolve import DnsError, Resolver, is_ip
@@ -40,9 +41,6 @@ log = logging.getLogger("relay.delivery")
 # RFC 5321 section 4.5.3.2 suggests minutes per command; a lab wants failures sooner.
 COMMAND_TIMEOUT = 60.0
 DATA_TIMEOUT = 120.0
-# Postfix's smtp_connection_cache_time_limit is 2 s; idle connections wait that long here.
-CACHE_TIME_LIMIT = 2.0
-CONNECTIONS_PER_ROUTE = 10  # at once, per connector (or MX domain); idle ones cached too
 REQUIRED_TLS = frozenset(
     {TlsPolicy.ENCRYPTION_ONLY, TlsPolicy.CERTIFICATE_VALIDATION, TlsPolicy.DOMAIN_VALIDATION}
 )
@@ -68,19 +66,6 @@ DATA_CHUNK = 64 * 1024
 # aiosmtplib's line ending rule (protocol.LINE_ENDINGS_REGEX: CRLF, or a lone LF or CR,
 # each becomes CRLF) matching only the lone ones: CRLF text then has nothing to replace.
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-
-
-@dataclass(frozen=True, slots=True)
-class Parcel:
-    """One message for one destination: the recipients that share a transaction."""
-
-    message: int
-    mail_from: str
-    recipients: tuple[tuple[int, str], ...]  # (recipient row id, address)
-
-
-# Per recipient row id: None when the destination accepted it, else what went wrong.
-Results = dict[int, WireEvent | None]
 
 
 def unsendable(address: str) -> str | None:
@@ -219,8 +204,8 @@ def tls_context(settings: TlsSettings) -> ssl.SSLContext | None:
     return context
 
 
-class Agent:
-    """Delivers parcels for one route over as few connections as it can."""
+class SmtpAgent:
+    """Delivers parcels for one route over as few connections as it can (a `DeliveryAgent`)."""
 
     def __init__(self, *, resolver: Resolver, hostname: str) -> None:
         self._resolver = resolver
@@ -260,7 +245,7 @@ class Agent:
         self,
         route: Route,
         parcels: Sequence[Parcel],
-        content: Callable[[int], Awaitable[bytes]],
+        content: Content,
     ) -> AsyncIterator[tuple[Parcel, Results]]:
         """Send each parcel in order over one connection, yielding its results.
 
@@ -273,7 +258,7 @@ class Agent:
         is sent (`screen`), and an unexpected exception fails only the parcel it hit; the
         connection it left in an unknown state is closed, and the next parcel opens another.
 
-        Closed at a yield (the worker stopping: aclosing), the connection is between two
+        Closed at a yield (the queue manager stopping: aclosing), the connection is between two
         transactions and gets a QUIT; one interrupted inside a transaction is closed.
         """
         screened = [screen(parcel) for parcel in parcels]  # once: each refusal logged once
