@@ -19,7 +19,7 @@ import dns.rdatatype
 import dns.resolver
 
 from relay.classify import Failure
-from relay.config import split_host_port
+from relay.net import split_host_port
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from relay.lab.certs import LabCA
 from relay.lab.dns import LabDnsServer
+from relay.net import endpoint
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +455,7 @@ class FaultLab:
     def smart_host(self, mode: Fault | DnsFault) -> str:
         """`name:port` for a connector; DNS faults never get as far as the port."""
         port = self.servers[mode].port if isinstance(mode, Fault) else 25
-        return f"{lab_name(mode)}:{port}"
+        return endpoint(lab_name(mode), port)
 
     def connector_blocks(self) -> str:
         """Ready-to-paste relay config: `[dns]` and one `[[connectors]]` per mode."""
@@ -491,15 +492,11 @@ class FaultLab:
         for mode in [*Fault, *DnsFault]:
             if isinstance(mode, Fault):
                 server = self.servers[mode]
-                where = _host_port(server.host, server.port)
+                where = endpoint(server.host, server.port)
             else:
                 where = f"(DNS fault via {self.dns.nameserver})"
             lines.append(f"{mode:<16} {lab_name(mode):<25} {where:<32} {_EXPECT[mode][1]}")
         return lines
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _toml_str(value: str) -> str:
