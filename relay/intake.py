@@ -16,7 +16,6 @@ import collections
 import contextlib
 import logging
 import ssl
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +60,11 @@ class IntakeHandler:
         self._max_recipients = max_recipients
         self._expiration = message_expiration
         self._require_tls = require_tls
+
+    @property
+    def clock(self) -> Clock:
+        """The relay's clock: the greeting's date comes from it too."""
+        return self._clock
 
     async def handle_EHLO(
         self,
@@ -291,7 +295,7 @@ async def start_intake(
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=hostname,
-            ident=f"{BANNER_IDENT} at {rfc5322_date(time.time())}",
+            ident=f"{BANNER_IDENT} at {rfc5322_date(handler.clock.now())}",
             tls_context=tls,
             require_starttls=False,  # handle_MAIL answers 530 5.7.0 itself
             timeout=limits.idle_timeout,
