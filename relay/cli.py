@@ -15,17 +15,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay import __version__, admin
-from relay.admin import AdminError
 from relay.clock import Clock, iso
-from relay.config import (
-    ENV_VAR,
-    ConfigError,
-    DomainType,
-    LoadedConfig,
-    dump_toml,
-    load_config,
-)
-from relay.errors import StoreError
+from relay.config import ENV_VAR, DomainType, LoadedConfig, dump_toml, load_config
+from relay.errors import ConfigError, RelayError, UnitError, UsageError
 from relay.states import Status
 from relay.store import Store
 from relay.units import parse_duration
@@ -44,8 +36,8 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")
 
 
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit 1."""
+class CommandError(RelayError):
+    """A command that failed for a reason the CLI words itself (exit 1)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -230,20 +222,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        loaded = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"relay: {exc.source}: {problem}", file=sys.stderr)
-        return EXIT_USAGE
     handler: Callable[[argparse.Namespace, LoadedConfig], int] = args.run
     try:
-        return handler(args, loaded)
-    except (CommandError, StoreError, AdminError) as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return handler(args, load_config(args.config))
+    except RelayError as exc:  # every error the relay words for its user; no traceback
+        for line in _message_lines(exc):
+            print(f"relay: {line}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError | UsageError) else EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+
+
+def _message_lines(exc: RelayError) -> list[str]:
+    """A config's problems one per line, each with the file it is in; else the message."""
+    if isinstance(exc, ConfigError):
+        return [f"{exc.source}: {problem}" for problem in exc.problems]
+    return [str(exc)]
 
 
 def _run(coro: Awaitable[T]) -> T:
@@ -254,14 +248,14 @@ def _run(coro: Awaitable[T]) -> T:
 
 
 def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from relay.server import StartupError, serve
+    from relay.server import serve
 
     listener = _log_in_background(verbose=args.verbose)
     _tune_gc()
     try:
         run_fast(serve(loaded))
-    except StartupError as exc:
-        raise CommandError(str(exc)) from None
+    except RelayError:  # worded already (AlreadyRunning is an OSError as well)
+        raise
     except OSError as exc:
         raise CommandError(
             f"cannot listen on {loaded.config.smtp.listen}: {exc.strerror or exc}; "
@@ -621,9 +615,8 @@ def cmd_clock_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 def cmd_clock_advance(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     try:
         seconds = parse_duration(args.duration)
-    except ValueError as exc:
-        print(f"relay: clock advance: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except UnitError as exc:
+        raise UsageError(f"clock advance: {exc}") from None
 
     async def work(store: Store) -> Any:
         return await admin.advance_clock(store, seconds)
@@ -664,8 +657,6 @@ def cmd_lab_faults(args: argparse.Namespace, loaded: LoadedConfig) -> int:
                 on_ready=write_config,
             )
         )
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot start the lab: {exc}; choose another --base-port") from None
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
 )
 
+from relay.errors import ConfigError
 from relay.net import split_host_port
 from relay.units import format_duration, format_size, parse_duration, parse_size
 
@@ -282,15 +283,6 @@ class LoadedConfig:
 
     def path(self, value: str) -> Path:
         return (self.base_dir / value).resolve() if value else Path()
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; `problems` holds one line per problem."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        super().__init__(f"{source}: " + "; ".join(problems))
-        self.source = source
-        self.problems = problems
 
 
 def default_text() -> str:

@@ -111,7 +111,7 @@ def write_config(directory: Path, *, name: str = "config.toml", **overrides: Any
 
 
 def load(path: Path) -> LoadedConfig:
-    """The relay's own view of a config file (raises relay.config.ConfigError)."""
+    """The relay's own view of a config file (raises relay.errors.ConfigError)."""
     return load_config(str(path))
 
 
