@@ -40,6 +40,11 @@ class CommandError(RelayError):
     """A command that failed for a reason the CLI words itself (exit 1)."""
 
 
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    """The one --json option: the command prints JSON instead of its table or sentence."""
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relay",
@@ -86,18 +91,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="at most N messages (the newest N; default: all)",
     )
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(listing)
     listing.set_defaults(run=cmd_queue_list)
     show = queue_commands.add_parser(
         "show", parents=[common], help="one message, its recipients and their attempt history"
     )
     show.add_argument("id", type=int, metavar="ID")
-    show.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(show)
     show.set_defaults(run=cmd_queue_show)
     digest = queue_commands.add_parser(
         "digest", parents=[common], help="one row per route and last error (Get-QueueDigest)"
     )
-    digest.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(digest)
     digest.set_defaults(run=cmd_queue_digest)
     retry = queue_commands.add_parser(
         "retry", parents=[common], help="make queued mail due now (postqueue -f)"
@@ -106,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("id", type=int, nargs="?", metavar="ID", help="one message")
     which.add_argument("--connector", metavar="NAME", help="everything queued for a connector")
     which.add_argument("--all", action="store_true", help="everything queued")
-    retry.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(retry)
     retry.set_defaults(run=cmd_queue_retry)
     for name, text in (
         ("expire", "expire now and send the NDR (postsuper -e)"),
@@ -116,13 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     ):
         action = queue_commands.add_parser(name, parents=[common], help=text)
         action.add_argument("id", type=int, metavar="ID")
-        action.add_argument("--json", action="store_true", help="machine-readable output")
+        _json_option(action)
         action.set_defaults(run=cmd_queue_action, action=name)
 
     alerts = commands.add_parser(
         "alerts", parents=[common], help="mail flow alerts per connector, with how to fix"
     )
-    alerts.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(alerts)
     alerts.set_defaults(run=cmd_alerts)
     alert_commands = alerts.add_subparsers(dest="alerts_command", metavar="ACTION")
     fix = alert_commands.add_parser(
@@ -131,13 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         help="make the internal relay domains behind a connector authoritative (the seed's Fix now)",
     )
     fix.add_argument("connector", metavar="CONNECTOR")
-    fix.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(fix)
     fix.set_defaults(run=cmd_fix_now)
 
     domain = commands.add_parser("domain", help="accepted domains, with runtime changes")
     domain_commands = domain.add_subparsers(dest="domain_command", metavar="ACTION", required=True)
     dlist = domain_commands.add_parser("list", parents=[common], help="accepted domains")
-    dlist.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(dlist)
     dlist.set_defaults(run=cmd_domain_list)
     dset = domain_commands.add_parser(
         "set-type", parents=[common], help="make a domain authoritative or internal_relay"
@@ -161,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="connector_command", metavar="ACTION", required=True
     )
     clist = connector_commands.add_parser("list", parents=[common], help="outbound connectors")
-    clist.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(clist)
     clist.set_defaults(run=cmd_connector_list)
     for name, enabled in (("enable", True), ("disable", False)):
         toggle = connector_commands.add_parser(
@@ -178,16 +183,16 @@ def _parser() -> argparse.ArgumentParser:
     clock = commands.add_parser("clock", help="the lab's simulated clock")
     clock_commands = clock.add_subparsers(dest="clock_command", metavar="ACTION", required=True)
     cshow = clock_commands.add_parser("show", parents=[common], help="the relay's time and offset")
-    cshow.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(cshow)
     cshow.set_defaults(run=cmd_clock_show)
     cadvance = clock_commands.add_parser(
         "advance", parents=[common], help="move the relay's time forward, e.g. 48h"
     )
     cadvance.add_argument("duration", metavar="DURATION", help='e.g. "48h", "15m", "30s"')
-    cadvance.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(cadvance)
     cadvance.set_defaults(run=cmd_clock_advance)
     creset_clock = clock_commands.add_parser("reset", parents=[common], help="back to real time")
-    creset_clock.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(creset_clock)
     creset_clock.set_defaults(run=cmd_clock_reset)
 
     lab = commands.add_parser("lab", help="the lab's built-in fault targets")
