@@ -13,8 +13,10 @@ writes invalid values, which the config tests need.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import inspect
 import io
 import os
 import re
@@ -27,11 +29,11 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import aiosmtplib
 import pytest
@@ -41,6 +43,8 @@ from relay.config import LoadedConfig, load_config
 
 if TYPE_CHECKING:
     from relay.server import Relay
+
+T = TypeVar("T")
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -196,6 +200,45 @@ def make_tls_files(directory: Path, *, hostname: str = "relay.contoso.test") -> 
     key.write_bytes(leaf.private_key_pem.bytes())
     ca_file.write_bytes(ca.cert_pem.bytes())
     return TlsFiles(ca=ca, certificate=certificate, key=key, ca_file=ca_file)
+
+
+# ---- bounded waits ----------------------------------------------------------------------
+# For what takes real time: a subprocess, the network, another thread. Queue time (retries,
+# expiry) moves with the relay's clock instead; no test waits for it.
+
+
+def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, step: float = 0.2) -> T:
+    """Call `check` until it returns something truthy, and return that; fail after
+    `timeout` seconds, saying `what` did not happen and what `check` said last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what} (last: {last!r})")
+        time.sleep(step)
+
+
+async def poll(
+    check: Callable[[], T | Awaitable[T | None] | None],
+    *,
+    timeout: float = 10.0,
+    what: str,
+    step: float = 0.05,
+) -> T:
+    """`wait_for` for async tests: the event loop keeps running between the calls, and
+    `check` may be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last  # type: ignore[return-value]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what} (last: {last!r})")
+        await asyncio.sleep(step)
 
 
 # ---- programs and the CLI ---------------------------------------------------------------
@@ -356,15 +399,20 @@ def start_relay_process(
             env=cli_env(env),
         )
     relay = RelayProcess(process=process, config=config_path, host=HOST, port=port, log=log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def greeted() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"relay serve exited with {process.returncode}:\n{relay.output()}")
-        if smtp_greets(HOST, port):
-            return relay
-        time.sleep(0.05)
-    relay.kill()
-    raise RuntimeError(f"relay serve did not greet on port {port} in {timeout}s:\n{relay.output()}")
+        return smtp_greets(HOST, port)
+
+    try:
+        wait_for(greeted, timeout=timeout, what=f"relay serve greets on port {port}", step=0.05)
+    except AssertionError:
+        relay.kill()
+        raise RuntimeError(
+            f"relay serve did not greet on port {port} in {timeout}s:\n{relay.output()}"
+        ) from None
+    return relay
 
 
 @contextlib.contextmanager
