@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import re
-import sqlite3
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -94,25 +93,11 @@ async def queue_list(relay: RelayProcess) -> dict[int, dict[str, Any]]:
 
 
 async def advance_clock(relay: RelayProcess, seconds: int) -> None:
-    """`relay clock advance`, or (until that command exists) the setting it writes."""
-    usage = await asyncio.to_thread(run_cli, "clock", "--help", config=relay.config)
-    if usage.code == 0:
-        result = await asyncio.to_thread(
-            run_cli, "clock", "advance", f"{seconds}s", config=relay.config
-        )
-        assert result.code == 0, result.stderr
-        return
-    await asyncio.to_thread(_write_offset, relay.config.parent / "queue" / "relay.db", seconds)
-
-
-def _write_offset(database: Path, seconds: int) -> None:
-    with sqlite3.connect(database, timeout=10) as conn:
-        conn.execute(
-            "INSERT INTO settings(key, value) VALUES('clock.offset', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-            (str(seconds),),
-        )
-    conn.close()
+    """`relay clock advance`: the offset reaches the running server through the queue."""
+    result = await asyncio.to_thread(
+        run_cli, "clock", "advance", f"{seconds}s", config=relay.config
+    )
+    assert result.code == 0, result.stderr
 
 
 def _first(data: dict[str, Any]) -> dict[str, Any]:
