@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol, TypeVar
 
 import aiosmtplib
 import pytest
@@ -244,15 +244,41 @@ async def poll(
 # ---- programs and the CLI ---------------------------------------------------------------
 
 
+# What swaks needs for --tls on Debian (its Recommends, left out by --no-install-recommends).
+SWAKS_TLS_PACKAGES = "libnet-ssleay-perl libio-socket-ssl-perl"
+
+
 def require_program(name: str) -> str:
     """The program's path; if missing, skip loudly (or fail when CI=true)."""
     path = shutil.which(name)
     if path is None:
-        reason = f"{name} not installed; CI would FAIL here (apt-get install {name})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing(f"{name} not installed; CI would FAIL here (apt-get install {name})")
     return path
+
+
+def require_swaks_tls() -> str:
+    """swaks' path, once `swaks --support` says it can do TLS; else skip loudly (or fail when
+    CI=true) naming the Debian packages. Without them swaks fails at STARTTLS with an error
+    that does not say what is missing."""
+    path = require_program("swaks")
+    support = subprocess.run(
+        [path, "--support"], capture_output=True, text=True, timeout=30, check=False
+    )
+    report = support.stdout + support.stderr
+    if not re.search(r"(?m)^\W*TLS supported", report):
+        said = next((line.strip() for line in report.splitlines() if " TLS " in f" {line} "), "")
+        missing(
+            f"swaks cannot do TLS ({said or 'swaks --support does not list TLS'}); CI would "
+            f"FAIL here (apt-get install {SWAKS_TLS_PACKAGES})"
+        )
+    return path
+
+
+def missing(reason: str) -> NoReturn:
+    """Something a test needs is not on this machine: fail when CI=true, else skip loudly."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 class CliResult(NamedTuple):
