@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from relay import alerts
+from relay import alerts, errors
 from relay.clock import Clock, iso
 from relay.config import ConnectorType, DomainType, LoadedConfig
 from relay.policy import CONNECTOR_ENABLED_KEY, DOMAIN_TYPE_KEY, Policy
@@ -21,7 +21,7 @@ from relay.store import Store
 from relay.units import format_duration
 
 
-class AdminError(Exception):
+class AdminError(errors.RelayError):
     """A request that names something that does not exist, or cannot be done."""
 
 

@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from relay import codes
 from relay.codes import MailFlowCode
+from relay.net import endpoint
 from relay.text import UNSAFE, escaped
 
 
@@ -285,8 +286,4 @@ def _title(reply: str) -> str:
 
 
 def _endpoint(event: WireEvent) -> str | None:
-    if event.ip is None:
-        return None
-    if event.port is None:
-        return event.ip
-    return f"[{event.ip}]:{event.port}" if ":" in event.ip else f"{event.ip}:{event.port}"
+    return None if event.ip is None else endpoint(event.ip, event.port)

@@ -15,17 +15,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay import __version__, admin
-from relay.admin import AdminError
 from relay.clock import Clock, iso
-from relay.config import (
-    ENV_VAR,
-    ConfigError,
-    DomainType,
-    LoadedConfig,
-    dump_toml,
-    load_config,
-)
-from relay.errors import StoreError
+from relay.config import ENV_VAR, DomainType, LoadedConfig, dump_toml, load_config
+from relay.errors import ConfigError, RelayError, UnitError, UsageError
 from relay.states import Status
 from relay.store import Store
 from relay.units import parse_duration
@@ -44,8 +36,13 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")
 
 
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit 1."""
+class CommandError(RelayError):
+    """A command that failed for a reason the CLI words itself (exit 1)."""
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    """The one --json option: the command prints JSON instead of its table or sentence."""
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,18 +91,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="at most N messages (the newest N; default: all)",
     )
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(listing)
     listing.set_defaults(run=cmd_queue_list)
     show = queue_commands.add_parser(
         "show", parents=[common], help="one message, its recipients and their attempt history"
     )
     show.add_argument("id", type=int, metavar="ID")
-    show.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(show)
     show.set_defaults(run=cmd_queue_show)
     digest = queue_commands.add_parser(
         "digest", parents=[common], help="one row per route and last error (Get-QueueDigest)"
     )
-    digest.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(digest)
     digest.set_defaults(run=cmd_queue_digest)
     retry = queue_commands.add_parser(
         "retry", parents=[common], help="make queued mail due now (postqueue -f)"
@@ -114,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("id", type=int, nargs="?", metavar="ID", help="one message")
     which.add_argument("--connector", metavar="NAME", help="everything queued for a connector")
     which.add_argument("--all", action="store_true", help="everything queued")
-    retry.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(retry)
     retry.set_defaults(run=cmd_queue_retry)
     for name, text in (
         ("expire", "expire now and send the NDR (postsuper -e)"),
@@ -124,13 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     ):
         action = queue_commands.add_parser(name, parents=[common], help=text)
         action.add_argument("id", type=int, metavar="ID")
-        action.add_argument("--json", action="store_true", help="machine-readable output")
+        _json_option(action)
         action.set_defaults(run=cmd_queue_action, action=name)
 
     alerts = commands.add_parser(
         "alerts", parents=[common], help="mail flow alerts per connector, with how to fix"
     )
-    alerts.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(alerts)
     alerts.set_defaults(run=cmd_alerts)
     alert_commands = alerts.add_subparsers(dest="alerts_command", metavar="ACTION")
     fix = alert_commands.add_parser(
@@ -139,13 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         help="make the internal relay domains behind a connector authoritative (the seed's Fix now)",
     )
     fix.add_argument("connector", metavar="CONNECTOR")
-    fix.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(fix)
     fix.set_defaults(run=cmd_fix_now)
 
     domain = commands.add_parser("domain", help="accepted domains, with runtime changes")
     domain_commands = domain.add_subparsers(dest="domain_command", metavar="ACTION", required=True)
     dlist = domain_commands.add_parser("list", parents=[common], help="accepted domains")
-    dlist.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(dlist)
     dlist.set_defaults(run=cmd_domain_list)
     dset = domain_commands.add_parser(
         "set-type", parents=[common], help="make a domain authoritative or internal_relay"
@@ -169,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="connector_command", metavar="ACTION", required=True
     )
     clist = connector_commands.add_parser("list", parents=[common], help="outbound connectors")
-    clist.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(clist)
     clist.set_defaults(run=cmd_connector_list)
     for name, enabled in (("enable", True), ("disable", False)):
         toggle = connector_commands.add_parser(
@@ -186,16 +183,16 @@ def _parser() -> argparse.ArgumentParser:
     clock = commands.add_parser("clock", help="the lab's simulated clock")
     clock_commands = clock.add_subparsers(dest="clock_command", metavar="ACTION", required=True)
     cshow = clock_commands.add_parser("show", parents=[common], help="the relay's time and offset")
-    cshow.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(cshow)
     cshow.set_defaults(run=cmd_clock_show)
     cadvance = clock_commands.add_parser(
         "advance", parents=[common], help="move the relay's time forward, e.g. 48h"
     )
     cadvance.add_argument("duration", metavar="DURATION", help='e.g. "48h", "15m", "30s"')
-    cadvance.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(cadvance)
     cadvance.set_defaults(run=cmd_clock_advance)
     creset_clock = clock_commands.add_parser("reset", parents=[common], help="back to real time")
-    creset_clock.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(creset_clock)
     creset_clock.set_defaults(run=cmd_clock_reset)
 
     lab = commands.add_parser("lab", help="the lab's built-in fault targets")
@@ -230,20 +227,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        loaded = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"relay: {exc.source}: {problem}", file=sys.stderr)
-        return EXIT_USAGE
     handler: Callable[[argparse.Namespace, LoadedConfig], int] = args.run
     try:
-        return handler(args, loaded)
-    except (CommandError, StoreError, AdminError) as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return handler(args, load_config(args.config))
+    except RelayError as exc:  # every error the relay words for its user; no traceback
+        for line in _message_lines(exc):
+            print(f"relay: {line}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError | UsageError) else EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+
+
+def _message_lines(exc: RelayError) -> list[str]:
+    """A config's problems one per line, each with the file it is in; else the message."""
+    if isinstance(exc, ConfigError):
+        return [f"{exc.source}: {problem}" for problem in exc.problems]
+    return [str(exc)]
 
 
 def _run(coro: Awaitable[T]) -> T:
@@ -254,14 +253,14 @@ def _run(coro: Awaitable[T]) -> T:
 
 
 def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from relay.server import StartupError, serve
+    from relay.server import serve
 
     listener = _log_in_background(verbose=args.verbose)
     _tune_gc()
     try:
         run_fast(serve(loaded))
-    except StartupError as exc:
-        raise CommandError(str(exc)) from None
+    except RelayError:  # worded already (AlreadyRunning is an OSError as well)
+        raise
     except OSError as exc:
         raise CommandError(
             f"cannot listen on {loaded.config.smtp.listen}: {exc.strerror or exc}; "
@@ -621,9 +620,8 @@ def cmd_clock_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 def cmd_clock_advance(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     try:
         seconds = parse_duration(args.duration)
-    except ValueError as exc:
-        print(f"relay: clock advance: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except UnitError as exc:
+        raise UsageError(f"clock advance: {exc}") from None
 
     async def work(store: Store) -> Any:
         return await admin.advance_clock(store, seconds)
@@ -664,8 +662,6 @@ def cmd_lab_faults(args: argparse.Namespace, loaded: LoadedConfig) -> int:
                 on_ready=write_config,
             )
         )
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot start the lab: {exc}; choose another --base-port") from None
     except KeyboardInterrupt:

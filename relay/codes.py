@@ -8,11 +8,12 @@ few string helpers: classification of wire events lives in ``relay.classify``.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+
+from relay.net import endpoint
 
 __all__ = [
     "CANNOT_CONNECT",
@@ -242,18 +243,6 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _endpoint(ip: str, port: int | None) -> str:
-    # Exchange writes "<ip>:<port>", which is ambiguous for IPv6; we bracket IPv6
-    # addresses as in URLs (RFC 3986 section 3.2.2): "[2001:db8::1]:25".
-    try:
-        is_v6 = ipaddress.ip_address(ip).version == 6
-    except ValueError:
-        is_v6 = ":" in ip
-    if port is None:
-        return ip
-    return f"[{ip}]:{port}" if is_v6 else f"{ip}:{port}"
-
-
 def led(
     code: MailFlowCode | None,
     *,
@@ -278,5 +267,5 @@ def led(
     if server is not None:
         parts.append(f"[LastAttemptedServerName={server}]")
     if ip is not None:
-        parts.append(f"[LastAttemptedIP={_endpoint(ip, port)}]")
+        parts.append(f"[LastAttemptedIP={endpoint(ip, port)}]")
     return " ".join(parts)

@@ -29,6 +29,8 @@ from pydantic import (
     field_validator,
 )
 
+from relay.errors import ConfigError
+from relay.net import split_host_port
 from relay.units import format_duration, format_size, parse_duration, parse_size
 
 DEFAULT_CONFIG_NAME = "config.toml"
@@ -74,33 +76,6 @@ def _domain(value: str) -> str:
     if not is_domain(name):
         raise ValueError(f"{value!r} is not a domain name")
     return name
-
-
-def split_host_port(text: str, *, default_port: int | None) -> tuple[str, int]:
-    """ "host:port", "[v6]:port", a bare host (with default_port) → (host, port)."""
-    host, port_text = text, ""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r}: write an IPv6 address as [::1]:25")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    elif text.count(":") > 1:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, as [::1]:25")
-    if not host:
-        raise ValueError(f"{text!r} has no host; write host:port")
-    if not port_text:
-        if default_port is None:
-            raise ValueError(f"{text!r} has no port; write host:port, like 127.0.0.1:2525")
-        return host, default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
-    return host, int(port_text)
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Section(BaseModel):
@@ -308,15 +283,6 @@ class LoadedConfig:
 
     def path(self, value: str) -> Path:
         return (self.base_dir / value).resolve() if value else Path()
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; `problems` holds one line per problem."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        super().__init__(f"{source}: " + "; ".join(problems))
-        self.source = source
-        self.problems = problems
 
 
 def default_text() -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from relay.config import Config, Connector, DomainType
 
 DOMAIN_TYPE_KEY = "domain.type:"  # + domain name → "authoritative" | "internal_relay"
 CONNECTOR_ENABLED_KEY = "connector.enabled:"  # + connector name → "true" | "false"
-MEMO_SIZE = 4096  # answers a policy keeps (see Policy.memo)
+MEMO_SIZE = 4096  # answers a policy keeps (see _Memo)
 
 # Exchange Online's replies at RCPT (shared/reference/exchange-online.md).
 RCPT_OK = "250 2.1.5 Recipient OK"
@@ -27,12 +27,43 @@ RCPT_RELAY_DENIED = "550 5.7.64 TenantAttribution; Relay Access Denied"
 # and at each domain it serves, case-insensitively.
 POSTMASTER = "postmaster"
 
+T = TypeVar("T")
+
 
 def has_routing_syntax(address: str) -> bool:
     """Sender-specified routing in the local part: user%elsewhere@domain,
     elsewhere!user@domain or "user@elsewhere"@domain (Postfix: allow_untrusted_routing)."""
     local = address.rpartition("@")[0]
     return "%" in local or "!" in local or "@" in local
+
+
+class _Memo:
+    """Answers a policy worked out before, by question: the one thing in a Policy that
+    changes, and only a cache.
+
+    Parsing addresses and matching patterns for the same few clients and domains over and
+    over was a few percent of the relay's CPU time. A policy is replaced, never changed,
+    when the lab changes it, so an answer never goes stale; forgetting them all (at
+    MEMO_SIZE) only costs the time to work them out again.
+    """
+
+    __slots__ = ("_answers",)
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[str, str], Any] = {}
+
+    def get(self, question: tuple[str, str]) -> Any:
+        """The answer remembered for `question`, or None."""
+        return self._answers.get(question)
+
+    def remember(self, question: tuple[str, str], answer: T) -> T:
+        if len(self._answers) >= MEMO_SIZE:
+            self._answers.clear()
+        self._answers[question] = answer
+        return answer
+
+    def __len__(self) -> int:
+        return len(self._answers)
 
 
 @dataclass(frozen=True)
@@ -45,19 +76,8 @@ class Policy:
     # "postmaster" and postmaster@<each accepted domain>).
     postmaster: str = f"{POSTMASTER}@localhost"
     postmasters: frozenset[str] = frozenset({POSTMASTER})
-    # Answers worked out before, by question: may_relay's by client address, routing's by
-    # domain. Parsing addresses and matching patterns for the same few clients and domains
-    # over and over was a few percent of the relay's CPU time; a policy is replaced, never
-    # changed, when the lab changes it, so the answers never go stale.
-    memo: dict[tuple[str, str], Any] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-
-    def remember(self, question: tuple[str, str], answer: Any) -> Any:
-        if len(self.memo) >= MEMO_SIZE:
-            self.memo.clear()
-        self.memo[question] = answer
-        return answer
+    # may_relay's answers by client address, routing's by domain (see _Memo).
+    memo: _Memo = field(default_factory=_Memo, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, config: Config, overrides: Mapping[str, str] | None = None) -> Policy:
@@ -104,7 +124,7 @@ class Policy:
     def may_relay(self, client_ip: str) -> bool:
         verdict = self.memo.get(("relay", client_ip))
         if verdict is None:
-            verdict = self.remember(("relay", client_ip), self._may_relay(client_ip))
+            verdict = self.memo.remember(("relay", client_ip), self._may_relay(client_ip))
         return bool(verdict)
 
     def _may_relay(self, client_ip: str) -> bool:

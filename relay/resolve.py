@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
@@ -19,17 +18,11 @@ import dns.rdatatype
 import dns.resolver
 
 from relay.classify import Failure
-from relay.config import split_host_port
+from relay.errors import DnsError, DnsTimeout
+from relay.net import split_host_port
 
-
-@dataclass(frozen=True, slots=True)
-class DnsError(Exception):
-    failure: Failure
-    name: str
-    detail: str
-
-    def __str__(self) -> str:
-        return self.detail
+# DnsError lives with the other errors; delivery catches it from here.
+__all__ = ["DnsError", "DnsTimeout", "Resolver", "is_ip"]
 
 
 def is_ip(host: str) -> bool:
@@ -107,7 +100,7 @@ class Resolver:
                 loop.getaddrinfo(name, None, type=socket.SOCK_STREAM), self._timeout
             )
         except TimeoutError:
-            raise DnsError(Failure.DNS_TIMEOUT, name, f"looking up {name} timed out") from None
+            raise DnsTimeout(Failure.DNS_TIMEOUT, name, f"looking up {name} timed out") from None
         except socket.gaierror as exc:
             failure = {
                 socket.EAI_NONAME: Failure.DNS_NXDOMAIN,
@@ -127,7 +120,7 @@ def _dns_error(exc: dns.exception.DNSException, name: str, rdtype: str) -> DnsEr
     if isinstance(exc, dns.resolver.NXDOMAIN):
         return DnsError(Failure.DNS_NXDOMAIN, name, f"{name} does not exist (NXDOMAIN)")
     if isinstance(exc, dns.exception.Timeout):
-        return DnsError(Failure.DNS_TIMEOUT, name, f"the {rdtype} query for {name} timed out")
+        return DnsTimeout(Failure.DNS_TIMEOUT, name, f"the {rdtype} query for {name} timed out")
     if isinstance(exc, dns.resolver.NoNameservers):
         return DnsError(
             Failure.DNS_SERVFAIL, name, f"the {rdtype} query for {name} failed (SERVFAIL)"

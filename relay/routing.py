@@ -62,7 +62,7 @@ def route(address: str, policy: Policy) -> Route:
     known = policy.memo.get(("route", domain))
     if known is not None:
         return known  # type: ignore[no-any-return]
-    return policy.remember(("route", domain), _route_domain(domain, policy))  # type: ignore[no-any-return]
+    return policy.memo.remember(("route", domain), _route_domain(domain, policy))
 
 
 def _route_domain(domain: str, policy: Policy) -> Route:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from relay import alerts
+from relay import alerts, errors
 from relay.agents import DeliveryAgent
 from relay.agents.maildir import MaildirAgent
 from relay.agents.smtp import SmtpAgent
@@ -41,12 +41,12 @@ ALERT_INTERVAL = 2.0
 SHUTDOWN_GRACE = 5.0
 
 
-class StartupError(Exception):
+class StartupError(errors.RelayError):
     """The relay cannot start; the message says what to change."""
 
 
-class AlreadyRunning(StartupError):
-    pass
+class AlreadyRunning(StartupError, BlockingIOError):
+    """Another relay holds the queue's lock: what flock(LOCK_NB) raised, BlockingIOError."""
 
 
 class Relay:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from relay.errors import UnitError
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
@@ -24,7 +26,7 @@ def parse_duration(text: str) -> float:
     """Seconds in a duration such as "48h", "15m", "30s", "7d" or "250ms"."""
     match = _DURATION.match(text)
     if match is None:
-        raise ValueError(
+        raise UnitError(
             f"{text!r} is not a duration; write a number and a unit (ms, s, m, h, d), like '15m'"
         )
     return float(match.group(1)) * _DURATION_SECONDS[match.group(2)]
@@ -56,7 +58,7 @@ def parse_size(text: str) -> int:
     """Bytes in a size such as "35MB", "512KiB" or "1000"."""
     match = _SIZE.match(text)
     if match is None:
-        raise ValueError(
+        raise UnitError(
             f"{text!r} is not a size; write a number and a unit (B, KB, MB, GB), like '35MB'"
         )
     unit = (match.group(2) or "b").lower()

@@ -1,8 +1,9 @@
 """Support for the delivery tests: lab configs, in-process relays on a ManualClock, own peers.
 
 The lab (relay.lab.faults) provides one misbehaving server per fault; the delivery tests add
-what it lacks: a relay started with `run_worker=False` (the test drives `worker.run_once()`
-and moves the clock instead of sleeping), and `ScriptedPeer`, a small SMTP server whose
+what it lacks: `manual_relay`, a relay started with `run_worker=False` (the test drives it
+with `run_once()` and moves its clock with `advance()` instead of sleeping; the lab
+operations tests use it too), and `ScriptedPeer`, a small SMTP server whose
 behaviour a test chooses (per-recipient replies, a STARTTLS that breaks the handshake,
 connection counting). Everything listens on 127.0.0.1 with ports from the OS.
 """
@@ -16,6 +17,7 @@ import email.message
 import email.policy
 import mailbox
 import socket
+import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from tests.helpers import HOST, example_data, load, make_message, queued_id, sen
 
 SENDER = "alice@contoso.test"  # a local mailbox: its NDRs land in its Maildir
 EXTERNAL_SENDER = "sender@fabrikam.test"
+AHEAD = 3600.0  # a manual_relay's clock runs this far ahead of real time (the CLI's)
 ON_PREMISES = "To on-premises"  # the example config's connector for onprem.contoso.test
 
 
@@ -96,9 +99,20 @@ async def running_lab(workdir: Path) -> AsyncIterator[FaultLab]:
 
 @contextlib.asynccontextmanager
 async def manual_relay(config_path: Path) -> AsyncIterator[Relay]:
-    """A started relay on a ManualClock whose worker runs only when the test calls run_once()."""
-    relay = Relay(load(config_path), clock=ManualClock())
+    """A started relay whose worker runs only when the test calls `run_once()`, on a
+    ManualClock that starts AHEAD of real time and moves only with `advance()`.
+
+    The CLI, a separate process, asks the database for the time (real time plus the lab
+    offset), so whatever it makes "due now" is already due for this relay's worker. The
+    periodic alert check is stopped, so a test's own `check_alerts()` is the only one.
+    """
+    relay = Relay(load(config_path), clock=ManualClock(start=time.time() + AHEAD))
     await relay.start(run_worker=False)
+    alerter = relay._alerter  # no public switch for the 2-second alert loop
+    if alerter is not None:
+        alerter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await alerter
     try:
         yield relay
     finally:
@@ -111,14 +125,15 @@ def store_of(relay: Relay) -> Store:
 
 
 async def run_once(relay: Relay) -> None:
+    """One step of the worker: what is due now is dispatched and its results written."""
     assert relay.worker is not None
     await relay.worker.run_once()
 
 
 def advance(relay: Relay, seconds: float) -> None:
-    clock = relay.clock
-    assert isinstance(clock, ManualClock)
-    clock.advance(seconds)
+    """Move a `manual_relay`'s clock (the worker hears of it, as of `relay clock advance`)."""
+    assert isinstance(relay.clock, ManualClock)
+    relay.clock.advance(seconds)
 
 
 async def submit(

@@ -13,8 +13,10 @@ writes invalid values, which the config tests need.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import inspect
 import io
 import os
 import re
@@ -27,11 +29,11 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol, TypeVar
 
 import aiosmtplib
 import pytest
@@ -41,6 +43,8 @@ from relay.config import LoadedConfig, load_config
 
 if TYPE_CHECKING:
     from relay.server import Relay
+
+T = TypeVar("T")
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -111,7 +115,7 @@ def write_config(directory: Path, *, name: str = "config.toml", **overrides: Any
 
 
 def load(path: Path) -> LoadedConfig:
-    """The relay's own view of a config file (raises relay.config.ConfigError)."""
+    """The relay's own view of a config file (raises relay.errors.ConfigError)."""
     return load_config(str(path))
 
 
@@ -198,18 +202,83 @@ def make_tls_files(directory: Path, *, hostname: str = "relay.contoso.test") -> 
     return TlsFiles(ca=ca, certificate=certificate, key=key, ca_file=ca_file)
 
 
+# ---- bounded waits ----------------------------------------------------------------------
+# For what takes real time: a subprocess, the network, another thread. Queue time (retries,
+# expiry) moves with the relay's clock instead; no test waits for it.
+
+
+def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, step: float = 0.2) -> T:
+    """Call `check` until it returns something truthy, and return that; fail after
+    `timeout` seconds, saying `what` did not happen and what `check` said last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what} (last: {last!r})")
+        time.sleep(step)
+
+
+async def poll(
+    check: Callable[[], T | Awaitable[T | None] | None],
+    *,
+    timeout: float = 10.0,
+    what: str,
+    step: float = 0.05,
+) -> T:
+    """`wait_for` for async tests: the event loop keeps running between the calls, and
+    `check` may be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last  # type: ignore[return-value]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what} (last: {last!r})")
+        await asyncio.sleep(step)
+
+
 # ---- programs and the CLI ---------------------------------------------------------------
+
+
+# What swaks needs for --tls on Debian (its Recommends, left out by --no-install-recommends).
+SWAKS_TLS_PACKAGES = "libnet-ssleay-perl libio-socket-ssl-perl"
 
 
 def require_program(name: str) -> str:
     """The program's path; if missing, skip loudly (or fail when CI=true)."""
     path = shutil.which(name)
     if path is None:
-        reason = f"{name} not installed; CI would FAIL here (apt-get install {name})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing(f"{name} not installed; CI would FAIL here (apt-get install {name})")
     return path
+
+
+def require_swaks_tls() -> str:
+    """swaks' path, once `swaks --support` says it can do TLS; else skip loudly (or fail when
+    CI=true) naming the Debian packages. Without them swaks fails at STARTTLS with an error
+    that does not say what is missing."""
+    path = require_program("swaks")
+    support = subprocess.run(
+        [path, "--support"], capture_output=True, text=True, timeout=30, check=False
+    )
+    report = support.stdout + support.stderr
+    if not re.search(r"(?m)^\W*TLS supported", report):
+        said = next((line.strip() for line in report.splitlines() if " TLS " in f" {line} "), "")
+        missing(
+            f"swaks cannot do TLS ({said or 'swaks --support does not list TLS'}); CI would "
+            f"FAIL here (apt-get install {SWAKS_TLS_PACKAGES})"
+        )
+    return path
+
+
+def missing(reason: str) -> NoReturn:
+    """Something a test needs is not on this machine: fail when CI=true, else skip loudly."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 class CliResult(NamedTuple):
@@ -356,15 +425,20 @@ def start_relay_process(
             env=cli_env(env),
         )
     relay = RelayProcess(process=process, config=config_path, host=HOST, port=port, log=log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def greeted() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"relay serve exited with {process.returncode}:\n{relay.output()}")
-        if smtp_greets(HOST, port):
-            return relay
-        time.sleep(0.05)
-    relay.kill()
-    raise RuntimeError(f"relay serve did not greet on port {port} in {timeout}s:\n{relay.output()}")
+        return smtp_greets(HOST, port)
+
+    try:
+        wait_for(greeted, timeout=timeout, what=f"relay serve greets on port {port}", step=0.05)
+    except AssertionError:
+        relay.kill()
+        raise RuntimeError(
+            f"relay serve did not greet on port {port} in {timeout}s:\n{relay.output()}"
+        ) from None
+    return relay
 
 
 @contextlib.contextmanager

@@ -1,9 +1,7 @@
 """Support for the lab-operations tests: the admin CLI, alerts, the clock and the walkthrough.
 
-The in-process relay here runs on a ManualClock that starts one hour ahead of real time.
-The CLI, a separate process, asks the database for the time (real time plus the lab offset),
-so whatever it makes "due now" is already due for the in-process worker, and the test moves
-the relay's clock instead of sleeping. Waits on a subprocess server poll with a deadline.
+The in-process relay is tests.delivery_support's `manual_relay` (a ManualClock an hour
+ahead of the CLI's real time); waits on a subprocess server use tests.helpers' `wait_for`.
 """
 
 from __future__ import annotations
@@ -11,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from relay.clock import ManualClock
-from relay.server import Relay
 from tests.delivery_support import ClosedPort, maildir_messages
 from tests.helpers import (
     HOST,
@@ -26,20 +21,16 @@ from tests.helpers import (
     RelayProcess,
     example_data,
     free_port,
-    load,
     relay_process,
     run_cli,
     run_main,
     write_config,
 )
 
-T = TypeVar("T")
-
 ON_PREMISES = "To on-premises"
 SENDER = "alice@contoso.test"  # a local mailbox: its NDRs land in its Maildir
 ADMIN = "admin@contoso.test"  # [alerts].notify in the example config
 WIDTH = 100  # every table fits 100 columns (issue 4)
-AHEAD = 3600.0  # the in-process relay's clock runs this far ahead of the CLI's
 NOT_FOUND = "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
 ACCESS_DENIED = "550 5.4.1 Recipient address rejected: Access denied"
 
@@ -93,35 +84,6 @@ def serving_config(directory: Path, onprem: ClosedPort, **overrides: Any) -> Pat
 # ---- the relay, in-process and as a subprocess ------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def manual_relay(config_path: Path) -> AsyncIterator[Relay]:
-    """A started relay, worker driven by `run_once()`, on a ManualClock an hour ahead.
-
-    The periodic alert check is stopped so a test's own `check_alerts()` is the only one.
-    """
-    relay = Relay(load(config_path), clock=ManualClock(start=time.time() + AHEAD))
-    await relay.start(run_worker=False)
-    alerter = relay._alerter  # no public switch for the 2-second alert loop
-    if alerter is not None:
-        alerter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await alerter
-    try:
-        yield relay
-    finally:
-        await relay.stop()
-
-
-async def run_once(relay: Relay) -> None:
-    assert relay.worker is not None
-    await relay.worker.run_once()
-
-
-def advance(relay: Relay, seconds: float) -> None:
-    assert isinstance(relay.clock, ManualClock)
-    relay.clock.advance(seconds)
-
-
 @contextlib.contextmanager
 def served(config_path: Path) -> Iterator[RelayProcess]:
     """`relay serve` as a subprocess, killed on the way out."""
@@ -172,20 +134,7 @@ def statuses(message: dict[str, Any]) -> list[str]:
     return [r["status"] for r in message["recipients"]]
 
 
-# ---- bounded waits --------------------------------------------------------------------------
-
-
-def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, step: float = 0.2) -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {timeout}s: {what} (last: {last!r})")
-        time.sleep(step)
+# ---- what the tests look at ---------------------------------------------------------------
 
 
 def maildir_count(root: Path, address: str) -> int:

@@ -19,7 +19,14 @@ import aiosmtplib
 import pytest
 
 from relay.server import Relay
-from tests.delivery_support import ClosedPort, closed_port, maildir_messages
+from tests.delivery_support import (
+    ClosedPort,
+    advance,
+    closed_port,
+    maildir_messages,
+    manual_relay,
+    run_once,
+)
 from tests.helpers import (
     CliResult,
     example_data,
@@ -29,6 +36,7 @@ from tests.helpers import (
     send_mail,
     send_mail_sync,
     smtp_client,
+    wait_for,
 )
 from tests.ops_support import (
     ACCESS_DENIED,
@@ -36,23 +44,19 @@ from tests.ops_support import (
     NOT_FOUND,
     ON_PREMISES,
     SENDER,
-    advance,
     assert_fits,
     cli,
     cli_json,
     closed_connectors,
     epoch,
     main_json,
-    manual_relay,
     ndr_statuses,
     ok,
     ops_config,
     parse_json,
-    run_once,
     served,
     serving_config,
     statuses,
-    wait_for,
 )
 
 pytestmark = pytest.mark.timeout(90)

@@ -22,22 +22,27 @@ from relay.clock import iso
 from relay.config import AlertsConfig
 from relay.policy import Policy
 from relay.spool.rows import DigestRow, LastError
-from tests.delivery_support import ClosedPort, ScriptedPeer, closed_port, maildir_messages
+from tests.delivery_support import (
+    ClosedPort,
+    ScriptedPeer,
+    advance,
+    closed_port,
+    maildir_messages,
+    manual_relay,
+    run_once,
+)
 from tests.helpers import example_data, load, queued_id, send_mail
 from tests.ops_support import (
     ADMIN,
     ON_PREMISES,
     SENDER,
-    advance,
     assert_fits,
     cli,
     cli_json,
     closed_connectors,
     main_json,
-    manual_relay,
     ok,
     ops_config,
-    run_once,
 )
 
 pytestmark = pytest.mark.timeout(60)

@@ -24,6 +24,7 @@ from tests.helpers import (
     make_message,
     queued_id,
     require_program,
+    require_swaks_tls,
     run_cli,
     run_cli_many,
     run_main,
@@ -343,6 +344,7 @@ async def test_swaks_rejected_recipient(relay_server: Relay) -> None:
 
 @pytest.mark.swaks
 async def test_swaks_starttls(start_relay: StartRelay, tls_files: TlsFiles) -> None:
+    require_swaks_tls()
     relay = await start_relay(smtp=tls_files.smtp_overrides(require_tls=True))
     code, out = await swaks(
         "--to", "alice@contoso.test", "--server", f"127.0.0.1:{relay.port}", "--tls"

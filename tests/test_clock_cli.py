@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.delivery_support import ClosedPort
-from tests.helpers import queued_id, run_cli, run_cli_many, send_mail_sync
+from tests.helpers import queued_id, run_cli, run_cli_many, send_mail_sync, wait_for
 from tests.ops_support import (
     SENDER,
     assert_fits,
@@ -24,7 +24,6 @@ from tests.ops_support import (
     parse_json,
     served,
     serving_config,
-    wait_for,
 )
 
 pytestmark = pytest.mark.timeout(60)

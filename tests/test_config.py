@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from relay.config import Config, ConfigError, default_text, load_config, parse_config
+from relay.config import Config, default_text, load_config, parse_config
+from relay.errors import ConfigError
 from tests.helpers import (
     DEFAULT_CONFIG,
     EXAMPLE_CONFIG,

@@ -13,6 +13,7 @@ import aiosmtplib
 import pytest
 
 import relay.store
+from relay.headers import rfc5322_date
 from relay.server import Relay
 from tests.helpers import (
     QUEUED_RE,
@@ -65,6 +66,16 @@ async def test_greeting_is_220(relay_server: Relay) -> None:
         assert "relay.contoso.test" in greeting.message
     finally:
         client.close()
+
+
+async def test_greeting_is_dated_by_the_relays_clock(relay_server: Relay) -> None:
+    """The banner's date is the relay's time (the lab's clock), like every other date."""
+    relay_server.clock.offset = 3600.0  # as `relay clock advance 1h` does
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay_server.port, start_tls=False)
+    greeting = await client.connect()
+    client.close()
+    assert greeting.message.endswith(f" at {rfc5322_date(relay_server.clock.now())}")
+    assert "Fri, 15 Jan 2027 09:00:00 +0000" in greeting.message  # the ManualClock, +1h
 
 
 async def test_ehlo_advertises_extensions_without_starttls(start_relay: StartRelay) -> None:

@@ -1,4 +1,4 @@
-"""RelaySMTP fills aiosmtpd's method tables itself (relay.intake._method_names) instead of
+"""RelaySMTP fills aiosmtpd's method tables itself (relay.smtpd._method_names) instead of
 letting aiosmtpd scan with dir()/inspect on every connection. These tests compare the
 tables with what aiosmtpd's own constructor computes, so an aiosmtpd upgrade that changes
 them fails here rather than in a lab."""
@@ -10,7 +10,8 @@ import asyncio
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from relay.intake import IntakeHandler, RelaySMTP
+from relay.intake import IntakeHandler
+from relay.smtpd import RelaySMTP
 
 KWARGS = dict(
     data_size_limit=1000,
@@ -84,7 +85,7 @@ def test_four_argument_ehlo_hook_is_refused() -> None:
         async def handle_EHLO(self, server, session, envelope, hostname):  # type: ignore[no-untyped-def]
             return "250 old"
 
-    from relay.intake import _method_names
+    from relay.smtpd import _method_names
 
     with pytest.raises(TypeError, match="5-argument"):
         _method_names(RelaySMTP, Old)

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -51,6 +50,7 @@ from tests.helpers import (
     HOST,
     command,
     make_message,
+    poll,
     send_data,
     send_mail,
     smtp_client,
@@ -370,14 +370,6 @@ def write_locked(database: Path) -> Any:
         conn.close()
 
 
-async def wait_until(what: str, check: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_a_result_that_cannot_be_written_is_retried_never_resent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -394,7 +386,7 @@ async def test_a_result_that_cannot_be_written_is_retried_never_resent(
         ]
         with write_locked(store_of(relay).path):
             worker = asyncio.create_task(run_once(relay))
-            await wait_until("the first message reached the peer", lambda: bool(peer.received))
+            await poll(lambda: bool(peer.received), what="the first message reached the peer")
             await asyncio.sleep(1.5)  # three write attempts (0.5 s, then 1 s backoff)
             assert received_subjects(peer) == Counter({"m0": 1}), "sent again, or went on sending"
             assert not worker.done()

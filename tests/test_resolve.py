@@ -129,3 +129,18 @@ async def test_a_dead_nameserver_is_a_dns_timeout() -> None:
     with pytest.raises(DnsError) as caught:
         await resolver.addresses("v4.lab.test")
     assert caught.value.failure in (Failure.DNS_TIMEOUT, Failure.DNS_SERVFAIL)
+
+
+@pytest.mark.parametrize("lookup", ["addresses", "mx"])
+async def test_a_lookup_that_timed_out_is_a_timeout_error(resolver: Resolver, lookup: str) -> None:
+    """As aiosmtplib's errors do, the timeout is also the built-in it resembles."""
+    with pytest.raises(TimeoutError) as caught:
+        await getattr(resolver, lookup)("silent.lab.test")
+    assert isinstance(caught.value, DnsError)
+    assert caught.value.failure is Failure.DNS_TIMEOUT
+
+
+async def test_other_lookup_failures_are_no_timeout(resolver: Resolver) -> None:
+    with pytest.raises(DnsError) as caught:
+        await resolver.addresses("nosuch.lab.test")
+    assert not isinstance(caught.value, TimeoutError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,14 @@ def test_sender_specified_routing_needs_a_client_that_may_relay(
     client = "127.0.0.1" if trusted else "192.0.2.7"
     reply = policy.rcpt_reply(address, client_ip=client, source_route=source_route)
     assert reply.startswith(expected), reply
+
+
+def test_the_memo_is_a_cache_not_part_of_the_policy(policy: Policy) -> None:
+    """A policy that has answered questions equals one that has not, and a copy made with
+    dataclasses.replace starts with nothing remembered."""
+    fresh = Policy.build(_config())
+    route("a@onprem.contoso.test", policy)
+    assert policy.may_relay("127.0.0.1") is True
+    assert len(policy.memo) == 2 and len(fresh.memo) == 0
+    assert policy == fresh
+    assert len(dataclasses.replace(policy, postmaster="pm@contoso.test").memo) == 0

@@ -12,10 +12,8 @@ import asyncio
 import contextlib
 import json
 import re
-import sqlite3
 import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +22,14 @@ import pytest
 from relay import codes
 from relay.lab.faults import EXPECTED, Fault, FaultLab
 from tests.delivery_support import SENDER, lab_config, maildir_messages
-from tests.helpers import RelayProcess, free_port, require_program, run_cli, start_relay_process
+from tests.helpers import (
+    RelayProcess,
+    free_port,
+    poll,
+    require_program,
+    run_cli,
+    start_relay_process,
+)
 
 pytestmark = [pytest.mark.swaks, pytest.mark.timeout(60)]
 
@@ -87,38 +92,12 @@ async def queue_list(relay: RelayProcess) -> dict[int, dict[str, Any]]:
     return {int(m["id"]): m for m in json.loads(result.stdout)}
 
 
-async def poll(what: str, probe: Callable[[], Awaitable[T | None]], *, timeout: float = 10.0) -> T:
-    """Await `probe` until it gives something truthy, for at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = await probe()
-        if last:
-            return last
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout:g}s (last: {last!r})")
-
-
 async def advance_clock(relay: RelayProcess, seconds: int) -> None:
-    """`relay clock advance`, or (until that command exists) the setting it writes."""
-    usage = await asyncio.to_thread(run_cli, "clock", "--help", config=relay.config)
-    if usage.code == 0:
-        result = await asyncio.to_thread(
-            run_cli, "clock", "advance", f"{seconds}s", config=relay.config
-        )
-        assert result.code == 0, result.stderr
-        return
-    await asyncio.to_thread(_write_offset, relay.config.parent / "queue" / "relay.db", seconds)
-
-
-def _write_offset(database: Path, seconds: int) -> None:
-    with sqlite3.connect(database, timeout=10) as conn:
-        conn.execute(
-            "INSERT INTO settings(key, value) VALUES('clock.offset', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-            (str(seconds),),
-        )
-    conn.close()
+    """`relay clock advance`: the offset reaches the running server through the queue."""
+    result = await asyncio.to_thread(
+        run_cli, "clock", "advance", f"{seconds}s", config=relay.config
+    )
+    assert result.code == 0, result.stderr
 
 
 def _first(data: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +116,7 @@ async def test_done_when_refused_shows_4_4_316_then_expires_with_an_ndr(
         error = recipient["last_error"]
         return recipient if error and error["code"] == "4.4.316" else None
 
-    recipient = await poll("last_error.code 4.4.316", refused)
+    recipient = await poll(refused, what="last_error.code 4.4.316", step=0.2)
     assert recipient["status"] == "deferred"
     assert recipient["last_error"]["reply"].startswith("450 4.4.316 Connection refused [Message=")
     assert recipient["history"][-1]["reply"] == recipient["last_error"]["reply"]
@@ -149,7 +128,7 @@ async def test_done_when_refused_shows_4_4_316_then_expires_with_an_ndr(
     async def ndr() -> list[str] | None:
         return [m.as_string() for m in maildir_messages(mailboxes, SENDER)] or None
 
-    (text,) = await poll("the NDR in alice's Maildir", ndr)
+    (text,) = await poll(ndr, what="the NDR in alice's Maildir", step=0.2)
     assert "Status: 5.4.316" in text
     assert "Final-Recipient: rfc822;user@refused.lab.test" in text
     recipient = _first(await show(served, queue_id))
@@ -164,7 +143,7 @@ async def test_a_healthy_connector_delivers(served: RelayProcess, lab: FaultLab)
         recipient = _first(await show(served, queue_id))
         return recipient if recipient["status"] == "delivered" else None
 
-    recipient = await poll("delivered", delivered)
+    recipient = await poll(delivered, what="delivered", step=0.2)
     assert recipient["connector"] == "Lab good"
     assert recipient["last_error"] is None
     (got,) = lab.servers[Fault.GOOD].received
@@ -187,7 +166,7 @@ async def test_every_fault_yields_its_code_through_relay_serve(
             return found
         return None
 
-    found = await poll("every mode attempted", settled, timeout=15)
+    found = await poll(settled, what="every mode attempted", timeout=15, step=0.2)
     for mode, expected in EXPECTED.items():
         recipient = found[mode]
         if not expected:
@@ -205,7 +184,9 @@ async def test_every_fault_yields_its_code_through_relay_serve(
         now = {mode: _first(listing[ids[mode]]) for mode in waiting}
         return now if all(r["status"] == "expired" for r in now.values()) else None
 
-    for mode, recipient in (await poll("every deferred one expired", all_expired)).items():
+    for mode, recipient in (
+        await poll(all_expired, what="every deferred one expired", step=0.2)
+    ).items():
         assert recipient["last_error"]["reply"] == codes.expired_reply(EXPECTED[mode]), mode
     mailboxes = served.config.parent / "queue" / "mailboxes"
     expected_ndrs = len(waiting) + 1  # and one for rcpt-550, sent at once
@@ -213,4 +194,4 @@ async def test_every_fault_yields_its_code_through_relay_serve(
     async def every_ndr() -> bool:
         return len(maildir_messages(mailboxes, SENDER)) == expected_ndrs
 
-    await poll(f"{expected_ndrs} NDRs in alice's Maildir", every_ndr)
+    await poll(every_ndr, what=f"{expected_ndrs} NDRs in alice's Maildir", step=0.2)

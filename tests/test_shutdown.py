@@ -17,7 +17,6 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from tests.helpers import (
     RelayProcess,
     free_port,
     make_message,
+    poll,
     run_cli,
     send_mail,
     start_relay_process,
@@ -105,14 +105,6 @@ def partner_config(directory: Path, sink: SlowSink, **overrides: Any) -> Path:
     )
 
 
-async def wait_until(what: str, check: Callable[[], bool], *, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.02)
-
-
 def assert_recorded_as_received(statuses: dict[str, Status], sink: SlowSink) -> None:
     """Whatever the destination has is delivered in the queue; the rest is still pending,
     never tried (nothing was cut mid-transaction and left for a retry)."""
@@ -145,9 +137,11 @@ async def test_stop_under_load_finishes_transactions_under_way_and_starts_none(
                 )
             assert relay.worker is not None
             loop = asyncio.create_task(relay.worker.run())
-            await wait_until(
-                "a second round of transactions in DATA",
+            await poll(
                 lambda: len(sink.received) > 6 and sink.in_data >= 3,
+                what="a second round of transactions in DATA",
+                timeout=15.0,
+                step=0.02,
             )
             started = time.monotonic()
             await relay.stop()
@@ -207,8 +201,11 @@ async def test_sigterm_under_load_exits_0_soon_and_nothing_arrives_twice(tmp_pat
         process = await asyncio.to_thread(start_relay_process, serve_config(tmp_path, sink))
         try:
             await submit_all(process, MESSAGES)
-            await wait_until(
-                "several transactions in DATA", lambda: bool(sink.received) and sink.in_data >= 5
+            await poll(
+                lambda: bool(sink.received) and sink.in_data >= 5,
+                what="several transactions in DATA",
+                timeout=15.0,
+                step=0.02,
             )
             in_data = sink.in_data
             started = time.monotonic()
@@ -234,10 +231,13 @@ async def test_sigterm_under_load_exits_0_soon_and_nothing_arrives_twice(tmp_pat
         config = serve_config(tmp_path, sink)  # the same queue, a fresh port
         process = await asyncio.to_thread(start_relay_process, config)
         try:
-            deadline = time.monotonic() + 30
-            while set((await queue_list(config)).values()) != {"delivered"}:
-                assert time.monotonic() < deadline, "not everything delivered after the restart"
-                await asyncio.sleep(0.3)
+
+            async def all_delivered() -> bool:
+                return set((await queue_list(config)).values()) == {"delivered"}
+
+            await poll(
+                all_delivered, what="everything delivered after the restart", timeout=30, step=0.3
+            )
             process.signal(signal.SIGTERM)
             assert await asyncio.to_thread(process.process.wait, 15) == 0
         finally:
@@ -277,8 +277,18 @@ async def test_stop_writes_results_that_failed_once_writes_work_again(
             try:
                 assert relay.worker is not None
                 loop = asyncio.create_task(relay.worker.run_once())
-                await wait_until("the message at the destination", lambda: bool(sink.received))
-                await wait_until("a failed write", lambda: "could not write" in caplog.text)
+                await poll(
+                    lambda: bool(sink.received),
+                    what="the message at the destination",
+                    timeout=15.0,
+                    step=0.02,
+                )
+                await poll(
+                    lambda: "could not write" in caplog.text,
+                    what="a failed write",
+                    timeout=15.0,
+                    step=0.02,
+                )
                 stopping = asyncio.create_task(relay.stop(grace=4.0))
                 await asyncio.sleep(1.0)
                 assert not stopping.done(), "the stop did not wait for the unwritten result"
@@ -309,7 +319,12 @@ async def test_stop_says_so_when_results_cannot_be_written_within_the_grace(
             try:
                 assert relay.worker is not None
                 loop = asyncio.create_task(relay.worker.run_once())
-                await wait_until("a failed write", lambda: "could not write" in caplog.text)
+                await poll(
+                    lambda: "could not write" in caplog.text,
+                    what="a failed write",
+                    timeout=15.0,
+                    step=0.02,
+                )
                 started = time.monotonic()
                 await relay.stop(grace=1.5)
                 took = time.monotonic() - started

@@ -35,8 +35,9 @@ from tests.helpers import (
     require_program,
     run_main,
     smtp_greets,
+    wait_for,
 )
-from tests.ops_support import ndr_statuses, wait_for
+from tests.ops_support import ndr_statuses
 
 pytestmark = [pytest.mark.swaks, pytest.mark.timeout(120)]
 

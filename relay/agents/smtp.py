@@ -32,7 +32,9 @@ from aiosmtplib import (
 from relay.agents import CACHE_TIME_LIMIT, CONNECTIONS_PER_ROUTE, Content, Parcel, Results
 from relay.classify import Failure, Stage, WireEvent
 from relay.config import TlsPolicy
-from relay.resolve import DnsError, Resolver, is_ip
+from relay.errors import DnsError, RelayError
+from relay.net import endpoint
+from relay.resolve import Resolver, is_ip
 from relay.routing import Route, RouteKind
 from relay.text import escaped
 
@@ -179,7 +181,9 @@ class Target:
     events: list[WireEvent] = field(default_factory=list)
 
 
-class SessionBroken(Exception):
+class SessionBroken(RelayError, ConnectionError):
+    """The session to a destination cannot go on; `event` says what happened on the wire."""
+
     def __init__(self, event: WireEvent) -> None:
         super().__init__(event.detail)
         self.event = event
@@ -443,7 +447,7 @@ class Session:
 
     @property
     def endpoint(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        return endpoint(self.ip, self.port)
 
     def broken(
         self,

@@ -20,6 +20,8 @@ import dns.rdataset
 import dns.rdatatype
 import dns.rrset
 
+from relay.net import endpoint
+
 Zone = Mapping[str, Mapping[str, Sequence[str]]]
 
 _TTL = 60
@@ -91,8 +93,7 @@ class LabDnsServer:
     @property
     def nameserver(self) -> str:
         """The server as the relay config writes it in `[dns].nameservers`."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return endpoint(self.host, self.port)
 
     async def start(self) -> None:
         """Bind TCP and UDP on one port (a fixed one, or one the OS picks)."""

@@ -23,8 +23,10 @@ from typing import TextIO
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
+from relay.errors import FaultUnavailable, LabOptionError
 from relay.lab.certs import LabCA
 from relay.lab.dns import LabDnsServer
+from relay.net import endpoint
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +210,8 @@ class BlackHole(FaultServer):
                 probe.close()  # its SYN was dropped: the queue is full
                 return
             self._fillers.append(probe)
-        raise RuntimeError(
-            f"timeout peer on {self.host}:{self.port}: connects still complete after "
+        raise FaultUnavailable(
+            f"timeout peer on {endpoint(self.host, self.port)}: connects still complete after "
             f"{_MAX_BACKLOG_FILLERS} queued connections; this OS answers a full backlog "
             "instead of dropping the SYN, so the TIMEOUT fault cannot be reproduced here"
         )
@@ -454,7 +456,7 @@ class FaultLab:
     def smart_host(self, mode: Fault | DnsFault) -> str:
         """`name:port` for a connector; DNS faults never get as far as the port."""
         port = self.servers[mode].port if isinstance(mode, Fault) else 25
-        return f"{lab_name(mode)}:{port}"
+        return endpoint(lab_name(mode), port)
 
     def connector_blocks(self) -> str:
         """Ready-to-paste relay config: `[dns]` and one `[[connectors]]` per mode."""
@@ -491,15 +493,11 @@ class FaultLab:
         for mode in [*Fault, *DnsFault]:
             if isinstance(mode, Fault):
                 server = self.servers[mode]
-                where = _host_port(server.host, server.port)
+                where = endpoint(server.host, server.port)
             else:
                 where = f"(DNS fault via {self.dns.nameserver})"
             lines.append(f"{mode:<16} {lab_name(mode):<25} {where:<32} {_EXPECT[mode][1]}")
         return lines
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _toml_str(value: str) -> str:
@@ -521,7 +519,7 @@ def lab_ports(base_port: int | None) -> tuple[list[int], int]:
         return [0] * len(Fault), 0
     last = base_port + len(Fault)
     if base_port < 1 or last > 65535:
-        raise ValueError(
+        raise LabOptionError(
             f"--base-port {base_port}: the lab needs ports {base_port}..{last}; "
             f"choose a base between 1 and {65535 - len(Fault)}"
         )
@@ -535,7 +533,7 @@ async def start_lab(
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(
+        raise LabOptionError(
             f"--host {host!r}: the lab needs an IP address (its DNS answers with it), "
             "e.g. 127.0.0.1 or ::1"
         ) from None

@@ -20,13 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from relay.agents import DeliveryAgent
 from relay.clock import Clock
 from relay.policy import Policy
-from relay.qmgr.bounce import Bouncer, generated_message, message_id_of
+from relay.qmgr.bounce import Bouncer, generated_message
 from relay.qmgr.results import Recorder
 from relay.qmgr.scheduler import Scheduler, chunks
 from relay.routing import RouteKind
 from relay.spool.protocol import Spool
 
-__all__ = ["QueueManager", "chunks", "generated_message", "message_id_of"]
+__all__ = ["QueueManager", "chunks", "generated_message"]
 
 
 class QueueManager:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from relay import codes, ndr
+from relay import codes, headers, ndr
 from relay.clock import Clock, to_datetime
-from relay.headers import rfc5322_date
+from relay.headers import own_received_header
 from relay.policy import Policy
 from relay.routing import route
 from relay.spool.protocol import Spool
@@ -103,9 +103,7 @@ class Bouncer:
         if body is None:
             return None
         queue_id = self._spool.reserve_id()
-        received = (
-            f"Received: from localhost by {hostname} (NDR) id {queue_id}; {rfc5322_date(now)}\r\n"
-        ).encode()
+        received = own_received_header(hostname=hostname, via="NDR", queue_id=queue_id, now=now)
         sender = message.mail_from
         log.info("NDR for id=%d to <%s> (%d recipient(s))", message.id, sender, len(recipients))
         return generated_message(
@@ -135,7 +133,7 @@ def generated_message(
     `hostname` as its client HELO, expiring `message_expiration` seconds from `now`."""
     return NewMessage(
         id=queue_id,
-        message_id=message_id_of(content),
+        message_id=headers.message_id_of(content),
         mail_from="",
         subject=subject,
         received_at=now,
@@ -145,11 +143,3 @@ def generated_message(
         recipients=[NewRecipient(a, route(a, policy).label) for a in to],
         content=content,
     )
-
-
-def message_id_of(content: bytes) -> str:
-    """The Message-ID header of a message we built ("" when it has none)."""
-    for line in content.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
-        if line.lower().startswith(b"message-id:"):
-            return line.split(b":", 1)[1].strip().decode("ascii", "replace")
-    return ""
