@@ -30,8 +30,8 @@ from relay.errors import StoreError
 from relay.headers import rfc5322_date
 from relay.policy import Policy
 from relay.routing import route
+from relay.spool.protocol import Spool
 from relay.spool.rows import NewMessage, NewRecipient
-from relay.store import Store
 from relay.text import UNSAFE, escaped, printable
 
 log = logging.getLogger("relay.intake")
@@ -586,7 +586,7 @@ class IntakeHandler:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Spool,
         clock: Clock,
         policy: Callable[[], Policy],
         hostname: str,
