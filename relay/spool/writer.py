@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -94,7 +95,7 @@ class Writer:
 
     async def change(self, event: Event, selection: Selection, *, now: float) -> int:
         """An administrator's event for the selected recipients, in one transaction;
-        returns how many changed (DELETE: how many messages were deleted)."""
+        returns how many recipients it applied to (DELETE: how many messages it deleted)."""
         if event in ATTEMPTS or event in GIVE_UPS:
             raise ValueError(f"{event} is a delivery result: the queue manager records it")
         if event is Event.DELETE:
@@ -318,44 +319,75 @@ def _delete_op(message: int) -> Op:
     return op
 
 
+# An administrator's change as written: a recipient whose state stays and whose next attempt
+# moves (a retry) touches one column and its indexes; any other change writes what `Change`
+# holds. Both are guarded by the state the change was decided from, like the results.
+_RESCHEDULE = "UPDATE recipients SET next_attempt_at = ? WHERE id = ? AND status = ?"
+_CHANGE = (
+    "UPDATE recipients SET status = ?, next_attempt_at = ?, expires_at = coalesce(?, expires_at), "
+    "finished_at = ?, ndr_due = ? WHERE id = ? AND status = ?"
+)
+_STATUSES = {s.value: s for s in Status}
+_READ_CHUNK = 5000  # rows of the selection read at a time
+
+
 def _change_op(event: Event, selection: Selection, now: float) -> Op:
     """Read the selected recipients in the states `event` changes, decide each with `step`,
-    write the changes with one statement; the read and the write share the transaction."""
+    then write the changes; the read and the writes share the transaction, so a recipient
+    is written as it was read. Returns how many recipients the event applied to."""
 
     async def op(conn: aiosqlite.Connection) -> int:
+        writes = _ChangeWrites(event, now)
         sql, params = _selected(event, selection)
+        # Everything is read before anything is written (an update must not move rows under
+        # the scan), in chunks, so a whole queue's rows are never in memory at once.
         async with conn.execute(sql, params) as cur:
-            found = await cur.fetchall()
-        writes = []
-        for row in found:
-            was = Status(row["status"])
-            state = Recipient(was, row["attempts"], row["next_attempt_at"], row["expires_at"])
-            change = step(state, event, now)
-            if change is None:  # pragma: no cover - the SELECT took only sources(event)
-                continue
-            writes.append(
+            while found := await cur.fetchmany(_READ_CHUNK):
+                for row in found:
+                    writes.decide(row)
+        await writes.write(conn)
+        return writes.applied
+
+    return op
+
+
+@dataclass(slots=True)
+class _ChangeWrites:
+    """An administrator's change, recipient by recipient, as the statements that write it."""
+
+    event: Event
+    now: float
+    applied: int = 0  # recipients it applies to, those it leaves as they were included
+    moved: list[tuple[Any, ...]] = field(default_factory=list)  # _RESCHEDULE's parameters
+    changed: list[tuple[Any, ...]] = field(default_factory=list)  # _CHANGE's parameters
+
+    def decide(self, row: sqlite3.Row) -> None:
+        was = _STATUSES[row["status"]]
+        due = row["next_attempt_at"]
+        change = step(Recipient(was, row["attempts"], due, row["expires_at"]), self.event, self.now)
+        if change is None:  # pragma: no cover - the SELECT took only sources(event)
+            return
+        self.applied += 1
+        if change.status is not was or change.expires_at is not None or change.final:
+            self.changed.append(
                 (
                     change.status.value,
                     change.next_attempt_at,
                     change.expires_at,
-                    now if change.final else None,
+                    self.now if change.final else None,
                     1 if change.ndr_owed else 0,
                     row["id"],
                     was.value,
                 )
             )
-        if not writes:
-            return 0
-        cursor = await conn.executemany(
-            # Guarded by the state it was decided from, like the queue manager's results.
-            "UPDATE recipients SET status = ?, next_attempt_at = ?, "
-            "expires_at = coalesce(?, expires_at), finished_at = ?, ndr_due = ? "
-            "WHERE id = ? AND status = ?",
-            writes,
-        )
-        return cursor.rowcount
+        elif change.next_attempt_at != due:  # a retry of mail already due writes nothing
+            self.moved.append((change.next_attempt_at, row["id"], was.value))
 
-    return op
+    async def write(self, conn: aiosqlite.Connection) -> None:
+        if self.moved:
+            await conn.executemany(_RESCHEDULE, self.moved)
+        if self.changed:
+            await conn.executemany(_CHANGE, self.changed)
 
 
 def _selected(event: Event, selection: Selection) -> tuple[str, list[Any]]:
