@@ -114,7 +114,7 @@ async def connect(path: Path, *, create: bool = True) -> aiosqlite.Connection:
     except BaseException as exc:
         await conn.close()
         if isinstance(exc, sqlite3.Error):
-            raise _open_error(path, exc) from exc
+            raise open_error(path, exc) from exc
         raise
     conn.row_factory = sqlite3.Row
     return conn
@@ -155,7 +155,14 @@ def _names(tables: set[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def _open_error(path: Path, exc: sqlite3.Error) -> StoreError:
+def open_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    """What to tell the user when opening the file failed with `exc`."""
+    return file_error(path, exc) or StoreError(f"cannot open the queue database {path}: {exc}")
+
+
+def file_error(path: Path, exc: sqlite3.Error) -> StoreError | None:
+    """The error to raise when `exc` says the file is no SQLite database or a damaged one
+    (found at opening, or later by a read of a damaged page); None for any other error."""
     name = getattr(exc, "sqlite_errorname", "")
     if name == "SQLITE_NOTADB":
         return StoreError(
@@ -166,7 +173,7 @@ def _open_error(path: Path, exc: sqlite3.Error) -> StoreError:
             f"the queue database {path} is damaged ({exc}); move it away and restore it from "
             "a backup, or start with a new, empty queue"
         )
-    return StoreError(f"cannot open the queue database {path}: {exc}")
+    return None
 
 
 async def _migrate(conn: aiosqlite.Connection, version: int) -> None:

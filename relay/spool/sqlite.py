@@ -9,7 +9,9 @@ through `data_version()` (PRAGMA data_version).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+import sqlite3
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,8 +32,10 @@ async def open_spool(path: Path, *, create: bool = True) -> SqliteSpool:
     conn = await schema.connect(path, create=create)
     try:
         next_id = await _next_message_id(conn)
-    except BaseException:
+    except BaseException as exc:
         await conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise schema.open_error(path, exc) from exc
         raise
     return SqliteSpool(conn, path, next_id=next_id)
 
@@ -51,45 +55,57 @@ class SqliteSpool:
     def __init__(self, conn: aiosqlite.Connection, path: Path, *, next_id: int) -> None:
         self._conn = conn
         self.path = path
-        self._writer = Writer(conn, next_id=next_id)
-        self.on_commit: list[Callable[[], None]] = self._writer.on_commit
+        self._writer = writer = Writer(conn, next_id=next_id)
+        self.on_commit: list[Callable[[], None]] = writer.on_commit
+        # The hot paths (intake's id and enqueue, the queue manager's results) are the
+        # writer's own methods: no extra call per message.
+        self.reserve_id: Callable[[], int] = writer.reserve_id
+        self.enqueue: Callable[[NewMessage], Coroutine[Any, Any, int]] = writer.enqueue
+        self.record: Callable[[Sequence[Result]], Coroutine[Any, Any, None]] = writer.record
 
     async def close(self) -> None:
         await self._writer.close()
         await self._conn.close()
 
-    # ---- intake -------------------------------------------------------------------------
-
-    def reserve_id(self) -> int:
-        return self._writer.reserve_id()
-
-    async def enqueue(self, message: NewMessage) -> int:
-        return await self._writer.enqueue(message)
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A damaged page found by a read says so, and what to do, as a StoreError; any
+        other error is left as it is."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            error = schema.file_error(self.path, exc)
+            if error is None:
+                raise
+            raise error from exc
 
     # ---- the queue manager --------------------------------------------------------------
 
     async def due(
         self, *, now: float, limit: int, exclude: Iterable[int] = ()
     ) -> list[RecipientRow]:
-        return await reads.due(self._conn, now=now, limit=limit, exclude=exclude)
+        with self._reading():
+            return await reads.due(self._conn, now=now, limit=limit, exclude=exclude)
 
     async def next_due_after(self, now: float) -> float | None:
-        return await reads.next_due_after(self._conn, now)
+        with self._reading():
+            return await reads.next_due_after(self._conn, now)
 
     async def envelopes(self, message_ids: Sequence[int]) -> dict[int, tuple[str, int]]:
-        return await reads.envelopes(self._conn, message_ids)
+        with self._reading():
+            return await reads.envelopes(self._conn, message_ids)
 
     async def contents(self, message_ids: Sequence[int]) -> dict[int, bytes]:
-        return await reads.contents(self._conn, message_ids)
+        with self._reading():
+            return await reads.contents(self._conn, message_ids)
 
     async def content(self, message_id: int) -> bytes:
-        return await reads.content(self._conn, message_id)
-
-    async def record(self, results: Sequence[Result]) -> None:
-        await self._writer.record(results)
+        with self._reading():
+            return await reads.content(self._conn, message_id)
 
     async def bounces_due(self, *, limit: int = 200) -> list[int]:
-        return await reads.bounces_due(self._conn, limit=limit)
+        with self._reading():
+            return await reads.bounces_due(self._conn, limit=limit)
 
     async def send_bounce(
         self, message: int, recipients: Sequence[int], ndr: NewMessage | None
@@ -115,32 +131,39 @@ class SqliteSpool:
     # ---- views --------------------------------------------------------------------------
 
     async def message_exists(self, message_id: int) -> bool:
-        return await views.message_exists(self._conn, message_id)
+        with self._reading():
+            return await views.message_exists(self._conn, message_id)
 
     async def list_messages(
         self, *, status: Status | None = None, limit: int | None = None, newest: bool = False
     ) -> list[MessageRow]:
-        return await views.list_messages(self._conn, status=status, limit=limit, newest=newest)
+        with self._reading():
+            return await views.list_messages(self._conn, status=status, limit=limit, newest=newest)
 
     async def get_message(self, message_id: int, *, history: bool = False) -> MessageRow | None:
-        return await views.get_message(self._conn, message_id, history=history)
+        with self._reading():
+            return await views.get_message(self._conn, message_id, history=history)
 
     async def history(self, recipient_id: int) -> list[Attempt]:
-        return await views.attempts(self._conn, recipient_id)
+        with self._reading():
+            return await views.attempts(self._conn, recipient_id)
 
     async def digest(self) -> list[DigestRow]:
-        return await views.digest(self._conn)
+        with self._reading():
+            return await views.digest(self._conn)
 
     # ---- runtime settings and change notification ---------------------------------------
 
     async def get_setting(self, key: Key[T]) -> T | None:
-        return await views.setting(self._conn, key)
+        with self._reading():
+            return await views.setting(self._conn, key)
 
     async def set_setting(self, key: Key[T], value: T | None) -> None:
         await self._writer.set_setting(key, value)
 
     async def settings(self, family: Family[Any] | None = None) -> dict[str, str]:
-        return await views.settings(self._conn, family.prefix if family else "")
+        with self._reading():
+            return await views.settings(self._conn, family.prefix if family else "")
 
     async def data_version(self) -> int:
         """Changes whenever another connection (the CLI) commits."""
