@@ -33,7 +33,7 @@ from relay.states import ATTEMPTS, GIVE_UPS, Event, Recipient, Status, sources, 
 T = TypeVar("T")
 Op = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
-log = logging.getLogger("relay.store")
+log = logging.getLogger("relay.store")  # the name its log lines always had
 
 
 @dataclass(frozen=True, slots=True)
