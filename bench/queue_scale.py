@@ -100,7 +100,7 @@ def body(n: int, size: int) -> bytes:
 async def generate(
     db: Path, count: int, *, batch: int, size: int, deferred: bool
 ) -> dict[str, float]:
-    """`count` messages through the store API; deferred (nothing due) or queued (due now)."""
+    """`count` messages through the spool API; deferred (nothing due) or queued (due now)."""
     from relay.spool.rows import LastError, NewMessage, NewRecipient, Result
     from relay.spool.sqlite import open_spool
     from relay.states import Change, Status
@@ -449,14 +449,14 @@ def scenario_scale(
     try:
         config, port = write_config(workdir, closed.port)
         db = workdir / "queue" / "relay.db"
-        log(f"scale: generating {args.messages} deferred messages through the store")
+        log(f"scale: generating {args.messages} deferred messages through the spool")
         timings = asyncio.run(
             generate(db, args.messages, batch=args.batch, size=args.size, deferred=True)
         )
         rate = args.messages / timings["enqueue_s"]
         rows.append(
             Row(
-                f"generate {args.messages} (store API: enqueue, then record DEFERRED)",
+                f"generate {args.messages} (spool API: enqueue, then record DEFERRED)",
                 f"enqueue {timings['enqueue_s']:.1f} s ({rate:.0f} msg/s), "
                 f"defer {timings['defer_s']:.1f} s; queue file "
                 f"{sum(p.stat().st_size for p in db.parent.glob('relay.db*')) / 2**20:.0f} MB",
