@@ -83,8 +83,8 @@ class Spool(Protocol):
         """Apply an administrator's event (hold, release, expire now, retry now, delete) to
         the recipients selected (all, one message's, one connector's, these domains'), each
         decided by `relay.states.step`, in one transaction; returns how many recipients it
-        applied to (a retry counts those already due as well). DELETE removes one message (`message` only) and returns 1, or 0 when it
-        was not there."""
+        applied to (a retry counts those already due as well). DELETE removes one message
+        (`message` only) and returns 1, or 0 when it was not there."""
         ...
 
     # ---- views --------------------------------------------------------------------------
