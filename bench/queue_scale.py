@@ -7,9 +7,9 @@ Everything runs in a new directory under /tmp, on loopback, bounded in count and
 
 A. **Scale** (``--messages`` N, default 100,000):
 
-   1. N messages are generated through the store API (``relay.store.Store``: ``reserve_id``,
-      concurrent ``enqueue(NewMessage)`` in batches of ``--batch``, which the store
-      group-commits into one transaction per batch; then ``record([Result(QUEUED → DEFERRED,
+   1. N messages are generated through the spool API (``relay.spool.sqlite.open_spool``:
+      ``reserve_id``, concurrent ``enqueue(NewMessage)`` in batches of ``--batch``, which the
+      spool's writer group-commits into one transaction per batch; then ``record([Result(QUEUED → DEFERRED,
       next_attempt_at=+20 days, error=LastError(4.4.316 ...))])``). One recipient each,
       ``u<n>@sink.bench.test``, routed to the connector "Bench sink" whose smart host is a
       loopback port that is bound but not listening (connection refused); 2 KB bodies;
@@ -100,12 +100,12 @@ def body(n: int, size: int) -> bytes:
 async def generate(
     db: Path, count: int, *, batch: int, size: int, deferred: bool
 ) -> dict[str, float]:
-    """`count` messages through the store API; deferred (nothing due) or queued (due now)."""
+    """`count` messages through the spool API; deferred (nothing due) or queued (due now)."""
     from relay.spool.rows import LastError, NewMessage, NewRecipient, Result
+    from relay.spool.sqlite import open_spool
     from relay.states import Change, Status
-    from relay.store import Store
 
-    store = await Store.open(db)
+    store = await open_spool(db)
     now = time.time()
     timings: dict[str, float] = {}
     try:
@@ -134,7 +134,7 @@ async def generate(
         if deferred:
             started = time.monotonic()
             rows = await store.query(
-                "SELECT id FROM recipients WHERE status = 'queued' ORDER BY id"
+                "SELECT id FROM recipients WHERE status = ? ORDER BY id", (Status.QUEUED.value,)
             )
             error = LastError(
                 "4.4.316",
@@ -449,14 +449,14 @@ def scenario_scale(
     try:
         config, port = write_config(workdir, closed.port)
         db = workdir / "queue" / "relay.db"
-        log(f"scale: generating {args.messages} deferred messages through the store")
+        log(f"scale: generating {args.messages} deferred messages through the spool")
         timings = asyncio.run(
             generate(db, args.messages, batch=args.batch, size=args.size, deferred=True)
         )
         rate = args.messages / timings["enqueue_s"]
         rows.append(
             Row(
-                f"generate {args.messages} (store API: enqueue, then record DEFERRED)",
+                f"generate {args.messages} (spool API: enqueue, then record DEFERRED)",
                 f"enqueue {timings['enqueue_s']:.1f} s ({rate:.0f} msg/s), "
                 f"defer {timings['defer_s']:.1f} s; queue file "
                 f"{sum(p.stat().st_size for p in db.parent.glob('relay.db*')) / 2**20:.0f} MB",

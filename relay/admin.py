@@ -1,23 +1,33 @@
 """What a lab administrator can do to the relay: queue actions, runtime policy, the clock.
 
-The CLI calls these; they write to the store in one transaction each, so they work with the
+The CLI calls these; they write to the spool in one transaction each, so they work with the
 server stopped, and a running server picks the change up within about a second
-(PRAGMA data_version, see relay.server).
+(`Spool.data_version`, see relay.server). What an action does to each recipient is
+`relay.states.step`'s to decide.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from relay import alerts, errors
 from relay.clock import Clock, iso
 from relay.config import ConnectorType, DomainType, LoadedConfig
-from relay.policy import CONNECTOR_ENABLED_KEY, DOMAIN_TYPE_KEY, Policy
+from relay.policy import Policy
 from relay.routing import matches
-from relay.runtime import CLOCK_OFFSET_KEY, load_clock_offset, load_policy
+from relay.runtime import load_clock_offset, load_policy
+from relay.spool.protocol import Spool
 from relay.spool.rows import DigestRow
-from relay.store import Store
+from relay.spool.settings import (
+    ALERT_NOTIFIED,
+    CLOCK_OFFSET,
+    CONNECTOR_ENABLED,
+    DOMAIN_TYPE,
+    Family,
+)
+from relay.states import Event
 from relay.units import format_duration
 
 
@@ -25,8 +35,8 @@ class AdminError(errors.RelayError):
     """A request that names something that does not exist, or cannot be done."""
 
 
-async def clock_for(store: Store) -> Clock:
-    return Clock(offset=await load_clock_offset(store))
+async def clock_for(spool: Spool) -> Clock:
+    return Clock(offset=await load_clock_offset(spool))
 
 
 def clock_note(clock: Clock) -> str:
@@ -42,36 +52,41 @@ def clock_note(clock: Clock) -> str:
 # ---- the queue -----------------------------------------------------------------------
 
 
-async def require_message(store: Store, message: int) -> None:
-    if not await store.message_exists(message):
+async def require_message(spool: Spool, message: int) -> None:
+    if not await spool.message_exists(message):
         raise AdminError(f"no message with ID {message} in the queue (see `relay queue list`)")
 
 
-async def retry(store: Store, *, message: int | None = None, connector: str | None = None) -> int:
+async def retry(spool: Spool, *, message: int | None = None, connector: str | None = None) -> int:
+    """Waiting recipients due now (postqueue -f, Retry-Queue); all of them without filters."""
     if message is not None:
-        await require_message(store, message)
-    clock = await clock_for(store)
-    return await store.retry(now=clock.now(), message=message, connector=connector)
+        await require_message(spool, message)
+    now = (await clock_for(spool)).now()
+    return await spool.change(Event.RETRY_NOW, now=now, message=message, connector=connector)
 
 
-async def hold(store: Store, message: int) -> int:
-    await require_message(store, message)
-    return await store.hold(message)
+async def hold(spool: Spool, message: int) -> int:
+    """Postfix's hold queue: neither tried nor expired until released."""
+    return await _act(spool, Event.HOLD, message)
 
 
-async def release(store: Store, message: int) -> int:
-    await require_message(store, message)
-    return await store.release(message, now=(await clock_for(store)).now())
+async def release(spool: Spool, message: int) -> int:
+    return await _act(spool, Event.RELEASE, message)
 
 
-async def expire(store: Store, message: int) -> int:
-    await require_message(store, message)
-    return await store.expire(message, now=(await clock_for(store)).now())
+async def expire(spool: Spool, message: int) -> int:
+    """Expire now (postsuper -e, exim -Mg): the queue manager turns it into the NDR at once."""
+    return await _act(spool, Event.EXPIRE_NOW, message)
 
 
-async def delete(store: Store, message: int) -> int:
-    await require_message(store, message)
-    return await store.delete(message)
+async def delete(spool: Spool, message: int) -> int:
+    """Remove a message and its recipients without an NDR (postsuper -d)."""
+    return await _act(spool, Event.DELETE, message)
+
+
+async def _act(spool: Spool, event: Event, message: int) -> int:
+    await require_message(spool, message)
+    return await spool.change(event, now=(await clock_for(spool)).now(), message=message)
 
 
 def digest_json(row: DigestRow) -> dict[str, Any]:
@@ -143,16 +158,16 @@ class ConnectorView:
         }
 
 
-async def domains(store: Store, loaded: LoadedConfig) -> list[DomainView]:
-    policy = await load_policy(store, loaded)
+async def domains(spool: Spool, loaded: LoadedConfig) -> list[DomainView]:
+    policy = await load_policy(spool, loaded)
     return [
         DomainView(d.name, policy.domains[d.name], d.type, tuple(d.mailboxes))
         for d in loaded.config.accepted_domains
     ]
 
 
-async def connectors(store: Store, loaded: LoadedConfig) -> list[ConnectorView]:
-    policy = await load_policy(store, loaded)
+async def connectors(spool: Spool, loaded: LoadedConfig) -> list[ConnectorView]:
+    policy = await load_policy(spool, loaded)
     effective = {c.name: c for c in policy.connectors}
     return [
         ConnectorView(
@@ -185,43 +200,50 @@ def connector_name(loaded: LoadedConfig, name: str) -> str:
     raise AdminError(f"no connector named {name!r}; the connectors are: {known}")
 
 
-async def set_domain_type(store: Store, loaded: LoadedConfig, name: str, kind: DomainType) -> str:
+async def set_domain_type(spool: Spool, loaded: LoadedConfig, name: str, kind: DomainType) -> str:
     domain = _domain(loaded, name)
-    await store.set_setting(DOMAIN_TYPE_KEY + domain, kind.value)
+    await spool.set_setting(DOMAIN_TYPE(domain), kind)
     if kind is DomainType.AUTHORITATIVE:
         # Queued mail for unknown recipients there fails now, not at its next retry.
-        await store.retry_domains([domain], now=(await clock_for(store)).now())
+        now = (await clock_for(spool)).now()
+        await spool.change(Event.RETRY_NOW, now=now, domains=[domain])
     return domain
 
 
-async def reset_domains(store: Store, loaded: LoadedConfig, name: str | None) -> list[str]:
-    names = [_domain(loaded, name)] if name else [d.name for d in loaded.config.accepted_domains]
-    for domain in names:
-        await store.set_setting(DOMAIN_TYPE_KEY + domain, None)
-    return names
+async def reset_domains(spool: Spool, loaded: LoadedConfig, name: str | None) -> list[str]:
+    """Back to the config file's type: one domain, or all of them (name None)."""
+    every = [d.name for d in loaded.config.accepted_domains]
+    return await _reset(spool, DOMAIN_TYPE, [_domain(loaded, name)] if name else every)
 
 
 async def set_connector_enabled(
-    store: Store, loaded: LoadedConfig, name: str, enabled: bool
+    spool: Spool, loaded: LoadedConfig, name: str, enabled: bool
 ) -> str:
     connector = connector_name(loaded, name)
-    await store.set_setting(CONNECTOR_ENABLED_KEY + connector, "true" if enabled else "false")
-    await store.retry(now=(await clock_for(store)).now(), connector=connector)
+    await spool.set_setting(CONNECTOR_ENABLED(connector), enabled)
+    now = (await clock_for(spool)).now()
+    await spool.change(Event.RETRY_NOW, now=now, connector=connector)
     return connector
 
 
-async def reset_connectors(store: Store, loaded: LoadedConfig, name: str | None) -> list[str]:
-    names = [connector_name(loaded, name)] if name else [c.name for c in loaded.config.connectors]
-    for connector in names:
-        await store.set_setting(CONNECTOR_ENABLED_KEY + connector, None)
-    return names
+async def reset_connectors(spool: Spool, loaded: LoadedConfig, name: str | None) -> list[str]:
+    """Back to the config file's enabled flag: one connector, or all of them (name None)."""
+    every = [c.name for c in loaded.config.connectors]
+    return await _reset(spool, CONNECTOR_ENABLED, [connector_name(loaded, name)] if name else every)
 
 
-async def fix_now(store: Store, loaded: LoadedConfig, name: str) -> list[str]:
+async def _reset(spool: Spool, family: Family[Any], names: Sequence[str]) -> list[str]:
+    """Remove the runtime change of each of `names`, so the config file's value applies."""
+    for name in names:
+        await spool.set_setting(family(name), None)
+    return list(names)
+
+
+async def fix_now(spool: Spool, loaded: LoadedConfig, name: str) -> list[str]:
     """The seed's Fix now: the internal relay domains this connector serves become
     authoritative, so mail for recipients that do not exist is rejected at once."""
     wanted = connector_name(loaded, name)
-    policy = await load_policy(store, loaded)
+    policy = await load_policy(spool, loaded)
     connector = next(c for c in policy.connectors if c.name == wanted)
     changed = [
         domain
@@ -235,25 +257,25 @@ async def fix_now(store: Store, loaded: LoadedConfig, name: str) -> list[str]:
             "(see `relay domain list`)"
         )
     for domain in changed:
-        await set_domain_type(store, loaded, domain, DomainType.AUTHORITATIVE)
+        await set_domain_type(spool, loaded, domain, DomainType.AUTHORITATIVE)
     return changed
 
 
-async def current_alerts(store: Store, loaded: LoadedConfig) -> list[alerts.Alert]:
-    policy: Policy = await load_policy(store, loaded)
-    notified = await store.settings(alerts.NOTIFIED_KEY)
-    return alerts.alerts(await store.digest(), policy, notified)
+async def current_alerts(spool: Spool, loaded: LoadedConfig) -> list[alerts.Alert]:
+    policy: Policy = await load_policy(spool, loaded)
+    notified = await spool.settings(ALERT_NOTIFIED)
+    return alerts.alerts(await spool.digest(), policy, notified)
 
 
 # ---- the lab clock -------------------------------------------------------------------
 
 
-async def advance_clock(store: Store, seconds: float) -> Clock:
-    offset = await load_clock_offset(store) + seconds
-    await store.set_setting(CLOCK_OFFSET_KEY, repr(offset))
+async def advance_clock(spool: Spool, seconds: float) -> Clock:
+    offset = await load_clock_offset(spool) + seconds
+    await spool.set_setting(CLOCK_OFFSET, offset)
     return Clock(offset=offset)
 
 
-async def reset_clock(store: Store) -> Clock:
-    await store.set_setting(CLOCK_OFFSET_KEY, None)
+async def reset_clock(spool: Spool) -> Clock:
+    await spool.set_setting(CLOCK_OFFSET, None)
     return Clock()

@@ -8,7 +8,7 @@ connector). `due_notifications` decides, purely, which alerts cross the configur
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -20,8 +20,7 @@ from relay.clock import iso, to_datetime
 from relay.config import AlertsConfig, ConnectorType
 from relay.policy import Policy
 from relay.spool.rows import DigestRow, LastError
-
-NOTIFIED_KEY = "alert.notified:"  # + connector name → when this episode was notified
+from relay.spool.settings import ALERT_NOTIFIED, Stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +54,10 @@ class Alert:
 
 
 def alerts(
-    digest: Sequence[DigestRow], policy: Policy, notified: Mapping[str, str] | None = None
+    digest: Sequence[DigestRow], policy: Policy, notified: Stored | None = None
 ) -> list[Alert]:
-    """The current alerts, oldest queue first, from the queue digest."""
+    """The current alerts, oldest queue first, from the queue digest; `notified` is the
+    spool's ALERT_NOTIFIED settings (when each connector's episode was notified)."""
     notified = notified or {}
     connectors = {c.name: c for c in policy.connectors}
     groups: dict[str, list[DigestRow]] = {}
@@ -70,7 +70,6 @@ def alerts(
         assert latest.last_error is not None and latest.code is not None
         mail_flow = codes.CODES[latest.code]
         on_premises = connectors[name].type is ConnectorType.ON_PREMISES
-        stamp = notified.get(NOTIFIED_KEY + name)
         result.append(
             Alert(
                 connector=name,
@@ -83,7 +82,7 @@ def alerts(
                 how_to_fix=mail_flow.how_to_fix,
                 # The seed: Fix now is offered for 4.4.316 towards on-premises.
                 fix_now=mail_flow is codes.CONNECTION_REFUSED and on_premises,
-                notified_at=float(stamp) if stamp else None,
+                notified_at=ALERT_NOTIFIED(name).read(notified),
             )
         )
     return sorted(result, key=lambda a: a.queue_started_at)

@@ -18,8 +18,9 @@ from relay import __version__, admin
 from relay.clock import Clock, iso
 from relay.config import ENV_VAR, DomainType, LoadedConfig, dump_toml, load_config
 from relay.errors import ConfigError, RelayError, UnitError, UsageError
+from relay.spool.protocol import Spool
+from relay.spool.sqlite import open_spool
 from relay.states import Status
-from relay.store import Store
 from relay.units import parse_duration
 from relay.views import (
     alerts_table,
@@ -349,12 +350,12 @@ def cmd_health(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return EXIT_OK
 
 
-async def open_store(loaded: LoadedConfig) -> Store | None:
+async def open_store(loaded: LoadedConfig) -> Spool | None:
     """The queue for reading, or None when the server has never created it."""
     path = loaded.path(loaded.config.queue.path)
     if not path.exists():
         return None
-    return await Store.open(path, create=False)
+    return await open_spool(path, create=False)
 
 
 def _print_json(data: Any) -> None:
@@ -407,13 +408,13 @@ def cmd_queue_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return _run(run())
 
 
-async def writable_store(loaded: LoadedConfig) -> Store:
+async def writable_store(loaded: LoadedConfig) -> Spool:
     """The queue for an action; created if the server has never run (the action waits)."""
-    return await Store.open(loaded.path(loaded.config.queue.path))
+    return await open_spool(loaded.path(loaded.config.queue.path))
 
 
 def _with_store(
-    loaded: LoadedConfig, work: Callable[[Store], Awaitable[T]], *, write: bool = True
+    loaded: LoadedConfig, work: Callable[[Spool], Awaitable[T]], *, write: bool = True
 ) -> T | None:
     async def run() -> T | None:
         store = await (writable_store(loaded) if write else open_store(loaded))
@@ -428,7 +429,7 @@ def _with_store(
 
 
 def cmd_queue_digest(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Store) -> tuple[list[Any], str]:
+    async def work(store: Spool) -> tuple[list[Any], str]:
         return await store.digest(), admin.clock_note(await admin.clock_for(store))
 
     rows, note = _with_store(loaded, work, write=False) or ([], "")
@@ -443,7 +444,7 @@ def cmd_queue_retry(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if args.connector is not None:
         admin.connector_name(loaded, args.connector)
 
-    async def work(store: Store) -> int:
+    async def work(store: Spool) -> int:
         return await admin.retry(store, message=args.id, connector=args.connector)
 
     count = _with_store(loaded, work) or 0
@@ -469,7 +470,7 @@ _ACTIONS = {
 def cmd_queue_action(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     action, done = _ACTIONS[args.action]
 
-    async def work(store: Store) -> int:
+    async def work(store: Spool) -> int:
         return await action(store, args.id)
 
     count = _with_store(loaded, work) or 0
@@ -492,7 +493,7 @@ def _report(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 def cmd_alerts(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Store) -> list[Any]:
+    async def work(store: Spool) -> list[Any]:
         return await admin.current_alerts(store, loaded)
 
     current = _with_store(loaded, work, write=False) or []
@@ -504,7 +505,7 @@ def cmd_alerts(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_fix_now(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Store) -> list[str]:
+    async def work(store: Spool) -> list[str]:
         return await admin.fix_now(store, loaded, args.connector)
 
     changed = _with_store(loaded, work) or []
@@ -519,7 +520,7 @@ def cmd_fix_now(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_domain_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Store) -> list[Any]:
+    async def work(store: Spool) -> list[Any]:
         return await admin.domains(store, loaded)
 
     views = _with_store(loaded, work)
@@ -538,7 +539,7 @@ def cmd_domain_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 def cmd_domain_set_type(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     kind = DomainType(args.type)
 
-    async def work(store: Store) -> str:
+    async def work(store: Spool) -> str:
         return await admin.set_domain_type(store, loaded, args.domain, kind)
 
     domain = _with_store(loaded, work)
@@ -555,7 +556,7 @@ def _config_domain_type(loaded: LoadedConfig, name: str | None) -> DomainType | 
 
 
 def cmd_domain_reset(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Store) -> list[str]:
+    async def work(store: Spool) -> list[str]:
         return await admin.reset_domains(store, loaded, args.domain)
 
     names = _with_store(loaded, work) or []
@@ -564,7 +565,7 @@ def cmd_domain_reset(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_connector_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Store) -> list[Any]:
+    async def work(store: Spool) -> list[Any]:
         return await admin.connectors(store, loaded)
 
     views = _with_store(loaded, work) or []
@@ -576,7 +577,7 @@ def cmd_connector_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_connector_toggle(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Store) -> str:
+    async def work(store: Spool) -> str:
         return await admin.set_connector_enabled(store, loaded, args.name, args.enabled)
 
     name = _with_store(loaded, work)
@@ -585,7 +586,7 @@ def cmd_connector_toggle(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_connector_reset(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Store) -> list[str]:
+    async def work(store: Spool) -> list[str]:
         return await admin.reset_connectors(store, loaded, args.name)
 
     names = _with_store(loaded, work) or []
@@ -623,7 +624,7 @@ def cmd_clock_advance(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     except UnitError as exc:
         raise UsageError(f"clock advance: {exc}") from None
 
-    async def work(store: Store) -> Any:
+    async def work(store: Spool) -> Any:
         return await admin.advance_clock(store, seconds)
 
     _print_clock(args, _with_store(loaded, work))

@@ -6,7 +6,7 @@ import asyncio
 
 from relay.config import LoadedConfig
 from relay.errors import StoreError
-from relay.store import Store
+from relay.spool.sqlite import open_spool
 
 # A wildcard listen address is checked through loopback.
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
@@ -32,9 +32,11 @@ async def check(loaded: LoadedConfig, *, timeout: float) -> str | None:
         writer.close()
     path = loaded.path(loaded.config.queue.path)
     try:
-        store = await Store.open(path, create=False)
-        await store.next_due_at()
-        await store.close()
+        spool = await open_spool(path, create=False)
+        try:
+            await spool.next_due_after(0.0)  # a read of the recipients, from their index
+        finally:
+            await spool.close()
     except StoreError as exc:
         return str(exc)
     return None

@@ -28,8 +28,8 @@ from relay.headers import complete_headers, received_header, rfc5322_date, with_
 from relay.policy import Policy
 from relay.routing import route
 from relay.smtpd import BAD_RECIPIENT, BAD_SENDER, TLS_FIRST, RelaySMTP, client_ip
+from relay.spool.protocol import Spool
 from relay.spool.rows import NewMessage, NewRecipient
-from relay.store import Store
 
 log = logging.getLogger("relay.intake")
 
@@ -45,7 +45,7 @@ class IntakeHandler:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Spool,
         clock: Clock,
         policy: Callable[[], Policy],
         hostname: str,

@@ -1,8 +1,9 @@
 """The tenant's effective policy: accepted domains and connectors from the config, with the
 lab's runtime changes (`relay domain set-type`, `relay connector disable`, Fix now) on top.
 
-Runtime changes live in the store's settings table under the keys below, so they survive
-restarts and reach a running server; `Policy.build` is pure.
+Runtime changes live in the spool's settings (relay.spool.settings: DOMAIN_TYPE,
+CONNECTOR_ENABLED), so they survive restarts and reach a running server; `Policy.build` is
+pure: it reads a snapshot of them.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from relay.config import Config, Connector, DomainType
+from relay.spool.settings import CONNECTOR_ENABLED, DOMAIN_TYPE, Stored
 
-DOMAIN_TYPE_KEY = "domain.type:"  # + domain name → "authoritative" | "internal_relay"
-CONNECTOR_ENABLED_KEY = "connector.enabled:"  # + connector name → "true" | "false"
+T = TypeVar("T")
+
 MEMO_SIZE = 4096  # answers a policy keeps (see _Memo)
 
 # Exchange Online's replies at RCPT (shared/reference/exchange-online.md).
@@ -26,8 +28,6 @@ RCPT_RELAY_DENIED = "550 5.7.64 TenantAttribution; Relay Access Denied"
 # RFC 5321 section 4.5.1: every SMTP server takes mail for "postmaster", without a domain
 # and at each domain it serves, case-insensitively.
 POSTMASTER = "postmaster"
-
-T = TypeVar("T")
 
 
 def has_routing_syntax(address: str) -> bool:
@@ -80,18 +80,17 @@ class Policy:
     memo: _Memo = field(default_factory=_Memo, init=False, repr=False, compare=False)
 
     @classmethod
-    def build(cls, config: Config, overrides: Mapping[str, str] | None = None) -> Policy:
+    def build(cls, config: Config, overrides: Stored | None = None) -> Policy:
+        """The config file's policy with the runtime changes in `overrides` (the spool's
+        settings) on top."""
         overrides = overrides or {}
         domains = {
-            d.name: DomainType(overrides.get(DOMAIN_TYPE_KEY + d.name, d.type.value))
+            d.name: _or(DOMAIN_TYPE(d.name).read(overrides), d.type)
             for d in config.accepted_domains
         }
         connectors = tuple(
             c.model_copy(
-                update={
-                    "enabled": overrides.get(CONNECTOR_ENABLED_KEY + c.name, str(c.enabled).lower())
-                    == "true"
-                }
+                update={"enabled": _or(CONNECTOR_ENABLED(c.name).read(overrides), c.enabled)}
             )
             for c in config.connectors
         )
@@ -152,6 +151,10 @@ class Policy:
         if kind is None or self.is_mailbox(address) or kind is DomainType.INTERNAL_RELAY:
             return RCPT_OK
         return RCPT_ACCESS_DENIED
+
+
+def _or(changed: T | None, configured: T) -> T:
+    return configured if changed is None else changed
 
 
 def domain_of(address: str) -> str:

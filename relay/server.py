@@ -1,4 +1,4 @@
-"""The running relay: the store, the SMTP front end and the queue manager wired together.
+"""The running relay: the spool, the SMTP front end and the queue manager wired together.
 
 `Relay` is what tests start in-process; `serve` adds signal handling for `relay serve`.
 """
@@ -30,7 +30,9 @@ from relay.qmgr import QueueManager, generated_message
 from relay.resolve import Resolver
 from relay.routing import RouteKind
 from relay.runtime import load_clock_offset, load_policy
-from relay.store import Store
+from relay.spool.protocol import Spool
+from relay.spool.settings import ALERT_NOTIFIED
+from relay.spool.sqlite import open_spool
 
 log = logging.getLogger("relay.server")
 
@@ -56,7 +58,7 @@ class Relay:
         self.loaded = loaded
         self.config = loaded.config
         self.clock = clock or Clock()
-        self.store: Store | None = None
+        self.store: Spool | None = None
         self.policy = Policy.build(self.config)
         self._server: IntakeServer | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -95,7 +97,7 @@ class Relay:
     async def start(self, *, run_worker: bool = True) -> None:
         """Bind and begin. run_worker=False leaves delivery to explicit `worker.run_once()`."""
         self._take_lock()
-        self.store = store = await Store.open(self.db_path)
+        self.store = store = await open_spool(self.db_path)
         store.on_commit.append(self._changed)
         self.clock.offset = await load_clock_offset(store)
         self.policy = await load_policy(store, self.loaded)
@@ -213,10 +215,10 @@ class Relay:
         """Send "Messages have been delayed" once per episode; returns how many were sent."""
         assert self.store is not None
         store, now = self.store, self.clock.now()
-        notified = await store.settings(alerts.NOTIFIED_KEY)
+        notified = await store.settings(ALERT_NOTIFIED)
         current = alerts.alerts(await store.digest(), self.policy, notified)
-        for key in set(notified) - {alerts.NOTIFIED_KEY + a.connector for a in current}:
-            await store.set_setting(key, None)  # the episode is over
+        for connector in ALERT_NOTIFIED.names(notified) - {a.connector for a in current}:
+            await store.set_setting(ALERT_NOTIFIED(connector), None)  # the episode is over
         settings = self.config.alerts
         due = alerts.due_notifications(current, settings, now) if settings.notify else []
         self._alert_deadline = alerts.next_deadline(current, settings, exclude=due)
@@ -240,7 +242,7 @@ class Relay:
                     policy=self.policy,
                 )
             )
-            await store.set_setting(alerts.NOTIFIED_KEY + alert.connector, repr(now))
+            await store.set_setting(ALERT_NOTIFIED(alert.connector), now)
             log.warning(
                 "alert: %s %s on %r, notified %s",
                 alert.code,

@@ -6,6 +6,7 @@ from typing import Any
 
 from relay.clock import iso
 from relay.spool.rows import Attempt, LastError, MessageRow, RecipientRow
+from relay.states import Status
 
 WIDTH = 100
 
@@ -96,7 +97,7 @@ def queue_table(messages: list[MessageRow], *, clock_note: str = "") -> str:
             state = f"{r.status.value} x{r.attempts}" if r.attempts else r.status.value
             route = clip(r.connector or "-", 18)
             lines.append(f"{'':8} {state:<13} {route:<18}  " + clip(r.address, WIDTH - 43))
-            if r.last_error is not None and r.status.value != "delivered":
+            if r.last_error is not None and r.status is not Status.DELIVERED:
                 lines.append(" " * 11 + clip(f"({r.last_error.reply})", WIDTH - 11))
             if r.next_attempt_at is not None:
                 lines.append(
@@ -185,7 +186,7 @@ def alerts_table(alerts: list[dict[str, Any]]) -> str:
                 [
                     clip(f"{a['connector']}: {a['code']} {a['title']}", WIDTH),
                     *fix,
-                    f"  Queued messages:    {a['queued']}",
+                    "  Queued messages:    " + str(a["queued"]),  # a count, not a status
                     f"  Queue started:      {a['queue_started_at']}",
                     f"  Oldest expires:     {a['oldest_expires_at']}",
                     f"  Destination server: {a['server'] or '-'}",

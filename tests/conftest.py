@@ -11,6 +11,7 @@
   (a ManualClock: `relay.clock.advance(seconds)`), `.loaded.source` (its config file, for
   `run_cli(..., config=...)`).
 - `tls_files`: a trustme CA and a server certificate in tmp_path (helpers.TlsFiles).
+- `spool`: a new, empty spool, once per backend (tests/spool_support.py: BACKENDS).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ if _ROOT not in sys.path:
 from relay.clock import ManualClock  # noqa: E402
 from relay.lab.faults import FaultLab  # noqa: E402
 from relay.server import Relay  # noqa: E402
+from relay.spool.protocol import Spool  # noqa: E402
 from tests.delivery_support import (  # noqa: E402
     ClosedPort,
     closed_port,
@@ -46,6 +48,7 @@ from tests.helpers import (  # noqa: E402
     make_tls_files,
     write_config,
 )
+from tests.spool_support import BACKENDS, opened  # noqa: E402
 
 
 @pytest.fixture
@@ -93,6 +96,13 @@ async def relay_server(start_relay: StartRelay) -> Relay:
 @pytest.fixture
 def tls_files(tmp_path: Path) -> TlsFiles:
     return make_tls_files(tmp_path / "tls")
+
+
+@pytest.fixture(params=BACKENDS)
+async def spool(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Spool]:
+    """A new, empty spool of each backend in turn: the spool's own tests run over all."""
+    async with opened(request.param, tmp_path / "spool") as backend:
+        yield backend
 
 
 # ---- the lab's fault targets, and a relay wired to them (delivery tests) ------------------

@@ -29,7 +29,7 @@ from relay.lab.faults import FaultLab, start_lab
 from relay.routing import route
 from relay.server import Relay
 from relay.spool.rows import MessageRow, NewMessage, NewRecipient, RecipientRow
-from relay.store import Store
+from relay.spool.sqlite import SqliteSpool
 from tests.helpers import HOST, example_data, load, make_message, queued_id, send_mail, write_config
 
 SENDER = "alice@contoso.test"  # a local mailbox: its NDRs land in its Maildir
@@ -119,8 +119,9 @@ async def manual_relay(config_path: Path) -> AsyncIterator[Relay]:
         await relay.stop()
 
 
-def store_of(relay: Relay) -> Store:
-    assert relay.store is not None
+def store_of(relay: Relay) -> SqliteSpool:
+    """The relay's spool, as the SQLite backend it is in tests (its file, `query`)."""
+    assert isinstance(relay.store, SqliteSpool)
     return relay.store
 
 

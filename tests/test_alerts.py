@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from relay import codes
-from relay.alerts import NOTIFIED_KEY, Alert, alerts, build_notification, due_notifications
+from relay.alerts import Alert, alerts, build_notification, due_notifications
 from relay.clock import iso
 from relay.config import AlertsConfig
 from relay.policy import Policy
 from relay.spool.rows import DigestRow, LastError
+from relay.spool.settings import ALERT_NOTIFIED
 from tests.delivery_support import (
     ClosedPort,
     ScriptedPeer,
@@ -154,7 +155,7 @@ def test_only_deferred_mail_flow_codes_on_connectors_alert(
 
 def test_notified_at_comes_from_the_settings(policy: Policy) -> None:
     digest = [row(ON_PREMISES, error(REFUSED, at=T0)), row(PARTNER, error(REFUSED, at=T0))]
-    current = alerts(digest, policy, {NOTIFIED_KEY + ON_PREMISES: repr(T0 + 3600.5)})
+    current = alerts(digest, policy, {ALERT_NOTIFIED(ON_PREMISES).text: repr(T0 + 3600.5)})
     by_name = {a.connector: a for a in current}
     assert by_name[ON_PREMISES].notified_at == T0 + 3600.5
     assert by_name[PARTNER].notified_at is None

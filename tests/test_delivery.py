@@ -17,6 +17,7 @@ import pytest
 
 from relay.agents import smtp
 from relay.classify import RECIPIENT_NOT_FOUND
+from relay.config import DomainType
 from relay.lab.faults import (
     EXPECTED,
     GREETING_421_REPLY,
@@ -27,8 +28,8 @@ from relay.lab.faults import (
     FaultLab,
     lab_name,
 )
-from relay.policy import DOMAIN_TYPE_KEY
 from relay.server import Relay
+from relay.spool.settings import DOMAIN_TYPE
 from relay.states import Status
 from relay.views import message_json
 from tests.delivery_support import (
@@ -509,7 +510,7 @@ async def test_queued_mail_goes_in_arrival_order_when_the_destination_comes_back
 
 
 async def _until_first_due(relay: Relay) -> float:
-    due = await store_of(relay).next_due_at()
+    due = await store_of(relay).next_due_after(relay.clock.now())
     assert due is not None
     return max(0.0, due - relay.clock.now())
 
@@ -527,7 +528,7 @@ async def test_fix_now_fails_queued_mail_for_unknown_recipients_at_once(relay: R
     row = await recipient(relay, queue_id)
     assert row.status is Status.DEFERRED and row.connector == ON_PREMISES
 
-    await store_of(relay).set_setting(DOMAIN_TYPE_KEY + "onprem.contoso.test", "authoritative")
+    await store_of(relay).set_setting(DOMAIN_TYPE("onprem.contoso.test"), DomainType.AUTHORITATIVE)
     await relay.refresh()
     advance(relay, SCHEDULE[0])
     await run_once(relay)

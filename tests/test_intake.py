@@ -12,9 +12,10 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-import relay.store
 from relay.headers import rfc5322_date
 from relay.server import Relay
+from relay.spool import writer
+from relay.spool.rows import MessageRow
 from tests.helpers import (
     QUEUED_RE,
     StartRelay,
@@ -37,7 +38,7 @@ RELAY_DENIED = "550 5.7.64 TenantAttribution; Relay Access Denied"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 
 
-async def stored(relay: Relay, queue_id: int) -> relay.store.MessageRow:
+async def stored(relay: Relay, queue_id: int) -> MessageRow:
     assert relay.store is not None
     message = await relay.store.get_message(queue_id)
     assert message is not None, f"message {queue_id} is not in the store"
@@ -366,13 +367,13 @@ async def test_eight_bit_body_is_kept(relay_server: Relay) -> None:
 async def test_store_failure_answers_451_and_leaves_nothing(
     relay_server: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_insert = relay.store._insert_messages
+    real_insert = writer._insert_messages
 
     async def insert_then_fail(conn: Any, messages: Any) -> None:
         await real_insert(conn, messages)  # the message rows are written, then the disk "fails"
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(relay.store, "_insert_messages", insert_then_fail)
+    monkeypatch.setattr(writer, "_insert_messages", insert_then_fail)
     async with smtp_client(relay_server.port) as client:
         await client.mail("sender@fabrikam.test")
         await client.rcpt("alice@contoso.test")
@@ -383,7 +384,7 @@ async def test_store_failure_answers_451_and_leaves_nothing(
         assert await relay_server.store.query("SELECT id FROM messages") == []
         assert await relay_server.store.query("SELECT id FROM recipients") == []
         # Once the store works again, the same session can queue the message.
-        monkeypatch.setattr(relay.store, "_insert_messages", real_insert)
+        monkeypatch.setattr(writer, "_insert_messages", real_insert)
         await client.mail("sender@fabrikam.test")
         await client.rcpt("alice@contoso.test")
         again = reply_text(await send_data(client, make_message(subject="retried")))

@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from relay import store
 from relay.agents import Parcel, Results, maildir
 from relay.agents.smtp import SmtpAgent
 from relay.errors import StoreError
@@ -32,9 +31,10 @@ from relay.qmgr import QueueManager
 from relay.resolve import Resolver
 from relay.routing import Route, RouteKind
 from relay.server import Relay
+from relay.spool import schema
+from relay.spool.protocol import Spool
 from relay.spool.rows import NewMessage, NewRecipient, Result
 from relay.states import Change, Status
-from relay.store import Store
 from tests.delivery_support import (
     ScriptedPeer,
     advance,
@@ -79,86 +79,71 @@ def _message(queue_id: int, *, mail_from: str = "sender@fabrikam.test") -> NewMe
     )
 
 
-@contextlib.asynccontextmanager
-async def open_store(path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(path)
-    try:
-        yield opened
-    finally:
-        await opened.close()
+# ---- the writer (each spool backend: the `spool` fixture) -------------------------------------
 
 
-# ---- the writer -------------------------------------------------------------------------------
-
-
-async def test_one_unbindable_message_fails_alone_in_its_batch(tmp_path: Path) -> None:
+async def test_one_unbindable_message_fails_alone_in_its_batch(spool: Spool) -> None:
     """31 sessions queue at once (one group commit); the one whose sender SQLite cannot
     bind gets StoreError (its 451), the 30 others are committed and readable."""
-    async with open_store(tmp_path / "relay.db") as queue:
-        ids = [queue.reserve_id() for _ in range(31)]
-        bad = ids[15]
-        messages = [
-            _message(i, mail_from=BAD_SENDER if i == bad else "s@fabrikam.test") for i in ids
-        ]
-        results = await asyncio.gather(
-            *(queue.enqueue(m) for m in messages), return_exceptions=True
-        )
+    ids = [spool.reserve_id() for _ in range(31)]
+    bad = ids[15]
+    messages = [_message(i, mail_from=BAD_SENDER if i == bad else "s@fabrikam.test") for i in ids]
+    results = await asyncio.gather(*(spool.enqueue(m) for m in messages), return_exceptions=True)
 
-        failed = [i for i, r in zip(ids, results, strict=True) if isinstance(r, BaseException)]
-        assert failed == [bad], results
-        assert isinstance(results[15], StoreError)
-        assert "surrogates not allowed" in str(results[15])
-        for queue_id in ids:
-            found = await queue.get_message(queue_id)
-            if queue_id == bad:
-                assert found is None, "nothing partial of the failed message is stored"
-                continue
-            assert found is not None
-            assert found.subject == f"message {queue_id}"
-            assert [r.address for r in found.recipients] == [f"user{queue_id}@partner.test"]
-            assert await queue.content(queue_id) == make_message(subject=f"message {queue_id}")
-        # The writer is not left inside a transaction: the next write commits as usual.
-        after = queue.reserve_id()
-        assert await queue.enqueue(_message(after)) == after
+    failed = [i for i, r in zip(ids, results, strict=True) if isinstance(r, BaseException)]
+    assert failed == [bad], results
+    assert isinstance(results[15], StoreError)
+    assert "surrogates not allowed" in str(results[15])
+    for queue_id in ids:
+        found = await spool.get_message(queue_id)
+        if queue_id == bad:
+            assert found is None, "nothing partial of the failed message is stored"
+            continue
+        assert found is not None
+        assert found.subject == f"message {queue_id}"
+        assert [r.address for r in found.recipients] == [f"user{queue_id}@partner.test"]
+        assert await spool.content(queue_id) == make_message(subject=f"message {queue_id}")
+    # The writer is not left inside a transaction: the next write commits as usual.
+    after = spool.reserve_id()
+    assert await spool.enqueue(_message(after)) == after
 
 
-async def test_delivery_results_sharing_a_failing_batch_are_written(tmp_path: Path) -> None:
-    """Results (Store.record) in the batch of a bad message are written: a lost result
+async def test_delivery_results_sharing_a_failing_batch_are_written(spool: Spool) -> None:
+    """Results (Spool.record) in the batch of a bad message are written: a lost result
     would have the message delivered again."""
-    async with open_store(tmp_path / "relay.db") as queue:
-        first = [queue.reserve_id() for _ in range(4)]
-        await asyncio.gather(*(queue.enqueue(_message(i)) for i in first))
-        rows = await queue.due(now=2_000_000_000.0, limit=10)
-        assert len(rows) == 4
-        at = 1_800_000_100.0
-        done = Change(Status.DELIVERED, None, attempted=True)
-        delivered = [Result(r.id, Status.QUEUED, done, at, PARTNER) for r in rows[:3]]
-        later_on = Change(Status.DEFERRED, at + 60, attempted=True)
-        deferred = Result(rows[3].id, Status.QUEUED, later_on, at, PARTNER)
+    first = [spool.reserve_id() for _ in range(4)]
+    await asyncio.gather(*(spool.enqueue(_message(i)) for i in first))
+    rows = await spool.due(now=2_000_000_000.0, limit=10)
+    assert len(rows) == 4
+    at = 1_800_000_100.0
+    done = Change(Status.DELIVERED, None, attempted=True)
+    delivered = [Result(r.id, Status.QUEUED, done, at, PARTNER) for r in rows[:3]]
+    later_on = Change(Status.DEFERRED, at + 60, attempted=True)
+    deferred = Result(rows[3].id, Status.QUEUED, later_on, at, PARTNER)
 
-        later = [queue.reserve_id() for _ in range(10)]
-        bad = later[4]
-        writes: list[Awaitable[Any]] = [
-            queue.enqueue(_message(i, mail_from=BAD_SENDER if i == bad else "s@fabrikam.test"))
-            for i in later
-        ]
-        writes.insert(2, queue.record(delivered[:2]))
-        writes.insert(7, queue.record([delivered[2], deferred]))
-        results = await asyncio.gather(*writes, return_exceptions=True)
+    later = [spool.reserve_id() for _ in range(10)]
+    bad = later[4]
+    writes: list[Awaitable[Any]] = [
+        spool.enqueue(_message(i, mail_from=BAD_SENDER if i == bad else "s@fabrikam.test"))
+        for i in later
+    ]
+    writes.insert(2, spool.record(delivered[:2]))
+    writes.insert(7, spool.record([delivered[2], deferred]))
+    results = await asyncio.gather(*writes, return_exceptions=True)
 
-        errors = [r for r in results if isinstance(r, BaseException)]
-        assert len(errors) == 1 and isinstance(errors[0], StoreError), results
-        for row in rows[:3]:
-            (found,) = (await queue.get_message(row.message)).recipients  # type: ignore[union-attr]
-            assert found.status is Status.DELIVERED
-            assert found.next_attempt_at is None
-            assert found.attempts == 1
-        (waiting,) = (await queue.get_message(rows[3].message)).recipients  # type: ignore[union-attr]
-        assert waiting.status is Status.DEFERRED
-        assert waiting.next_attempt_at == at + 60
-        assert sorted(m.id for m in await queue.list_messages()) == sorted(
-            [*first, *(i for i in later if i != bad)]
-        )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], StoreError), results
+    for row in rows[:3]:
+        (found,) = (await spool.get_message(row.message)).recipients  # type: ignore[union-attr]
+        assert found.status is Status.DELIVERED
+        assert found.next_attempt_at is None
+        assert found.attempts == 1
+    (waiting,) = (await spool.get_message(rows[3].message)).recipients  # type: ignore[union-attr]
+    assert waiting.status is Status.DEFERRED
+    assert waiting.next_attempt_at == at + 60
+    assert sorted(m.id for m in await spool.list_messages()) == sorted(
+        [*first, *(i for i in later if i != bad)]
+    )
 
 
 async def test_an_unbindable_sender_over_smtp_costs_no_one_else_their_250(
@@ -376,7 +361,7 @@ async def test_a_result_that_cannot_be_written_is_retried_never_resent(
     """While the results cannot be written the recipients stay in flight: the destination
     gets each message once (today: again every 20 ms). Once writes work again they are
     recorded and the rest of the route follows, each message once."""
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)
     async with ScriptedPeer() as peer, manual_relay(partner_config(tmp_path, peer)) as relay:
         ids = [
             await enqueue(

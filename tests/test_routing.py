@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from relay.config import Config, parse_config
-from relay.policy import CONNECTOR_ENABLED_KEY, Policy
+from relay.policy import Policy
 from relay.routing import RouteKind, matches, route
+from relay.spool.settings import CONNECTOR_ENABLED
 from tests.helpers import config_data, toml_dumps
 
 
@@ -76,7 +77,7 @@ def test_the_first_matching_connector_wins(policy: Policy) -> None:
 
 
 def test_disabling_a_connector_at_runtime_moves_its_mail_to_mx() -> None:
-    policy = Policy.build(_config(), {CONNECTOR_ENABLED_KEY + "To on-premises": "false"})
+    policy = Policy.build(_config(), {CONNECTOR_ENABLED("To on-premises").text: "false"})
     assert route("bob@onprem.contoso.test", policy).label == "mx"
 
 
@@ -127,7 +128,7 @@ def test_remembered_routes_follow_the_policy_they_came_from(policy: Policy) -> N
     first = route("a@onprem.contoso.test", policy)
     assert route("b@ONPREM.contoso.test", policy) is first  # same domain: remembered
     assert first.kind is RouteKind.CONNECTOR and first.label == "To on-premises"
-    changed = Policy.build(_config(), {CONNECTOR_ENABLED_KEY + "To on-premises": "false"})
+    changed = Policy.build(_config(), {CONNECTOR_ENABLED("To on-premises").text: "false"})
     assert route("a@onprem.contoso.test", changed).kind is RouteKind.MX
     assert route("a@onprem.contoso.test", policy).label == "To on-premises"
 

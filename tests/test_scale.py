@@ -19,9 +19,10 @@ from pathlib import Path
 
 from relay.agents import CONNECTIONS_PER_ROUTE  # the queue manager's per-route limit
 from relay.clock import ManualClock
+from relay.spool.protocol import Spool
 from relay.spool.rows import LastError, NewMessage, NewRecipient, Result
-from relay.states import Change, Status
-from relay.store import Store
+from relay.spool.sqlite import SqliteSpool, open_spool
+from relay.states import Change, Event, Status
 from tests.delivery_support import ClosedPort, Delivered, ScriptedPeer, connector, store_of
 from tests.helpers import HOST, MakeConfig, StartRelay, run_cli_many, smtp_greets
 
@@ -57,7 +58,7 @@ def _message(queue_id: int, n: int, domain: str, route: str, now: float) -> NewM
     )
 
 
-async def _enqueue_many(store: Store, count: int, domain: str, route: str, now: float) -> None:
+async def _enqueue_many(store: Spool, count: int, domain: str, route: str, now: float) -> None:
     """Concurrent enqueues in batches: the store commits each batch as one transaction."""
     for first in range(0, count, BATCH):
         batch = range(first, min(count, first + BATCH))
@@ -68,7 +69,7 @@ async def _enqueue_many(store: Store, count: int, domain: str, route: str, now: 
 
 async def _generate_deferred(db: Path, count: int) -> None:
     """`count` messages for BIG_CONNECTOR, deferred with 4.4.316 until 20 days from START."""
-    store = await Store.open(db)
+    store = await open_spool(db)
     try:
         await _enqueue_many(store, count, BIG_DOMAIN, BIG_CONNECTOR, START)
         ids = [r[0] for r in await store.query("SELECT id FROM recipients ORDER BY id")]
@@ -132,7 +133,7 @@ class CountingPeer(ScriptedPeer):
             self.open_sessions -= 1
 
 
-async def _status_counts(store: Store, route: str) -> dict[str, int]:
+async def _status_counts(store: SqliteSpool, route: str) -> dict[str, int]:
     rows = await store.query(
         "SELECT status, count(*) FROM recipients WHERE connector = ? GROUP BY status", (route,)
     )
@@ -180,7 +181,7 @@ async def test_big_deferred_queue_lists_restarts_and_a_connector_comes_back(
         relay = await start_relay(config_path=config)
         store = store_of(relay)
         assert await asyncio.to_thread(smtp_greets, HOST, relay.port)
-        assert await store.next_due_at() == START + 20 * DAY
+        assert await store.next_due_after(relay.clock.now()) == START + 20 * DAY
         assert relay.worker is not None
         await asyncio.wait_for(relay.worker.run_once(), 30)
         assert await _status_counts(store, BIG_CONNECTOR) == {"deferred": BIG}
@@ -201,7 +202,9 @@ async def test_big_deferred_queue_lists_restarts_and_a_connector_comes_back(
         back_port.release()
         peer = CountingPeer(port=back_port.port)
         async with peer:
-            made_due = await store.retry(now=relay.clock.now(), connector=COMEBACK_CONNECTOR)
+            made_due = await store.change(
+                Event.RETRY_NOW, now=relay.clock.now(), connector=COMEBACK_CONNECTOR
+            )
             assert made_due == COMEBACK
             await asyncio.wait_for(relay.worker.run_once(), 120)
             await relay.worker.stop()  # QUIT the cached connections before counting

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import store
 from relay.lab.faults import EsmtpServer, Fault, _Handler
 from relay.qmgr import scheduler
+from relay.spool import schema
+from relay.spool.sqlite import open_spool
 from relay.states import Status
-from relay.store import Store
 from tests.delivery_support import (
     connector,
     enqueue,
@@ -116,7 +116,7 @@ def assert_recorded_as_received(statuses: dict[str, Status], sink: SlowSink) -> 
 
 async def queue_statuses(path: Path) -> dict[str, Status]:
     """Subject → status of each (one-recipient) message, read from the database file."""
-    opened = await Store.open(path, create=False)
+    opened = await open_spool(path, create=False)
     try:
         return {m.subject: m.recipients[0].status for m in await opened.list_messages()}
     finally:
@@ -267,7 +267,7 @@ async def test_stop_writes_results_that_failed_once_writes_work_again(
 ) -> None:
     """A result that could not be written is written during the grace once the database
     takes writes again; the stop then returns, and nothing is sent after the restart."""
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)
     caplog.set_level(logging.INFO, logger="relay.worker")
     async with SlowSink(delay=0) as sink:
         config = partner_config(tmp_path, sink)
@@ -310,7 +310,7 @@ async def test_stop_says_so_when_results_cannot_be_written_within_the_grace(
 ) -> None:
     """Still unwritable when the grace ends: the stop returns at the grace and the log
     says the message will be delivered again after the restart (and it is)."""
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)
     async with SlowSink(delay=0) as sink:
         config = partner_config(tmp_path, sink)
         async with manual_relay(config) as relay:

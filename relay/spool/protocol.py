@@ -5,7 +5,7 @@ and the CLI may ask of a queue backend. A second backend is one module implement
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from relay.spool.rows import (
     Attempt,
@@ -15,7 +15,10 @@ from relay.spool.rows import (
     RecipientRow,
     Result,
 )
+from relay.spool.settings import Family, Key
 from relay.states import Event, Status
+
+T = TypeVar("T")
 
 
 class Spool(Protocol):
@@ -78,8 +81,10 @@ class Spool(Protocol):
         domains: Sequence[str] = (),
     ) -> int:
         """Apply an administrator's event (hold, release, expire now, retry now, delete) to
-        the recipients selected (all, one message's, one connector's, these domains');
-        returns how many changed."""
+        the recipients selected (all, one message's, one connector's, these domains'), each
+        decided by `relay.states.step`, in one transaction; returns how many recipients it
+        applied to (a retry counts those already due as well). DELETE removes one message
+        (`message` only) and returns 1, or 0 when it was not there."""
         ...
 
     # ---- views --------------------------------------------------------------------------
@@ -96,11 +101,18 @@ class Spool(Protocol):
     async def digest(self) -> list[DigestRow]: ...
 
     # ---- runtime settings and change notification ---------------------------------------
-    async def get_setting(self, key: str) -> str | None: ...
+    async def get_setting(self, key: Key[T]) -> T | None:
+        """A setting's value (relay.spool.settings); None when it is not set."""
+        ...
 
-    async def set_setting(self, key: str, value: str | None) -> None: ...
+    async def set_setting(self, key: Key[T], value: T | None) -> None:
+        """Store a setting's value; None removes it."""
+        ...
 
-    async def settings(self, prefix: str) -> dict[str, str]: ...
+    async def settings(self, family: Family[Any] | None = None) -> dict[str, str]:
+        """The stored text of every setting (or of one family's), by key: the snapshot that
+        `Policy.build` and the alerts read with the typed keys."""
+        ...
 
     async def data_version(self) -> int:
         """A number that changes when another process commits (the CLI's changes)."""
