@@ -1,0 +1,233 @@
+"""The log lines a Postfix admin can grep (issue 12, section 3), over a real relay and the
+lab's real fault targets: one key=value line per step with the id and the recipient, the
+same fields as JSON (`[log] format = "json"`), and `relay serve -v`'s SMTP sessions in both
+directions without aiosqlite's SQL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.config import LogFormat
+from relay.errors import ConfigError
+from relay.lab.faults import Fault, FaultLab, lab_name
+from relay.logs import TEXT_FORMAT, JsonFormatter, Line, log_in_background
+from relay.server import Relay
+from tests.delivery_support import (
+    SENDER,
+    advance,
+    lab_config,
+    manual_relay,
+    run_once,
+    submit,
+)
+from tests.helpers import load, write_config
+
+pytestmark = pytest.mark.timeout(60)
+
+EXPIRATION = 48 * 3600.0  # the example config's message_expiration
+
+
+class Lines(logging.Handler):
+    """The relay's step lines (records whose message is a `Line`), as the text format and
+    the JSON format write them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._text = logging.Formatter(TEXT_FORMAT)
+        self._json = JsonFormatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, Line):
+            self.records.append(record)
+
+    def text(self, status: str) -> list[str]:
+        return [
+            self._text.format(r).split(": ", 1)[1]
+            for r in self.records
+            if f" status={status}" in r.getMessage()
+        ]
+
+    def json(self, status: str) -> list[dict[str, object]]:
+        entries = [json.loads(self._json.format(r)) for r in self.records]
+        return [e for e in entries if e.get("status") == status]
+
+
+@pytest.fixture
+def lines() -> Iterator[Lines]:
+    handler = Lines()
+    logger = logging.getLogger("relay")
+    saved = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+
+
+def _port(lab: FaultLab, fault: Fault) -> int:
+    return lab.servers[fault].port
+
+
+# ---- each step, text and JSON ---------------------------------------------------------------
+
+
+async def test_queued_names_the_client_helo_size_and_message_id(relay: Relay, lines: Lines) -> None:
+    queue_id = await submit(relay, to="user@good.lab.test")
+    (line,) = lines.text("queued")
+    assert re.fullmatch(
+        rf"id={queue_id} from=<{SENDER}> to=<user@good.lab.test> nrcpt=1 size=\d+ "
+        r"client=127\.0\.0\.1 helo=\S+ message_id=<\S+> status=queued",
+        line,
+    ), line
+    (entry,) = lines.json("queued")
+    assert entry["id"] == queue_id and entry["from"] == SENDER
+    assert entry["to"] == ["user@good.lab.test"] and entry["client"] == "127.0.0.1"
+    assert {"time", "level", "logger", "message"} <= set(entry)
+    assert entry["logger"] == "relay.intake" and entry["level"] == "INFO"
+
+
+async def test_delivered_carries_the_destinations_reply_server_ip_and_tls(
+    relay: Relay, lab: FaultLab, lines: Lines
+) -> None:
+    queue_id = await submit(relay, to="user@good.lab.test")
+    await run_once(relay)
+    (line,) = lines.text("delivered")
+    port = _port(lab, Fault.GOOD)
+    server = re.escape(f"{lab_name(Fault.GOOD)}[127.0.0.1]:{port}")
+    assert re.fullmatch(
+        rf'id={queue_id} to=<user@good\.lab\.test> connector="Lab good" relay={server} '
+        r"tls=TLSv1\.[23] delay=\d+\.\d attempts=1 status=delivered "
+        r"\(250 2\.6\.0 Queued mail for delivery\)",
+        line,
+    ), line
+    (entry,) = lines.json("delivered")
+    assert entry["relay"] == f"{lab_name(Fault.GOOD)}[127.0.0.1]:{port}"
+    assert entry["reply"] == "250 2.6.0 Queued mail for delivery"
+    assert entry["attempts"] == 1 and isinstance(entry["delay"], float)
+    assert str(entry["tls"]).startswith("TLSv1.")
+
+
+async def test_each_deferral_is_a_line_with_its_code_and_next_attempt(
+    relay: Relay, lab: FaultLab, lines: Lines
+) -> None:
+    queue_id = await submit(relay, to="user@refused.lab.test")
+    await run_once(relay)
+    advance(relay, 3600)
+    await run_once(relay)
+    first, second = lines.text("deferred")
+    port = _port(lab, Fault.REFUSED)
+    relay_field = re.escape(f"relay={lab_name(Fault.REFUSED)}[127.0.0.1]:{port}")
+    for attempts, line in ((1, first), (2, second)):
+        assert re.fullmatch(
+            rf'id={queue_id} to=<user@refused\.lab\.test> connector="Lab refused" {relay_field} '
+            rf"delay=\d+\.\d attempts={attempts} code=4\.4\.316 status=deferred "
+            r"next_attempt=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(450 4\.4\.316 Connection refused .*\)",
+            line,
+        ), line
+    later = lines.json("deferred")[1]
+    assert later["code"] == "4.4.316" and later["attempts"] == 2
+    assert str(later["reply"]).startswith("450 4.4.316 Connection refused [Message=")
+    assert float(str(later["delay"])) >= 3600
+
+
+async def test_a_permanent_reply_is_a_failed_line_and_the_ndr_a_line_of_its_own(
+    relay: Relay, lines: Lines
+) -> None:
+    queue_id = await submit(relay, to="user@rcpt-550.lab.test")
+    await run_once(relay)
+    (line,) = lines.text("failed")
+    assert re.fullmatch(
+        rf"id={queue_id} to=<user@rcpt-550\.lab\.test> .* attempts=1 code=5\.\d+\.\d+ "
+        r"status=failed \(550 .*\)",
+        line,
+    ), line
+    assert "next_attempt=" not in line
+    (ndr,) = lines.text("ndr-queued")
+    found = re.fullmatch(
+        rf"id={queue_id} ndr=(\d+) to=<{SENDER}> recipients=<user@rcpt-550\.lab\.test> "
+        r"status=ndr-queued",
+        ndr,
+    )
+    assert found, ndr
+    ndr_id = int(found.group(1))
+    (delivered,) = lines.text("delivered")  # the NDR itself, into alice's mailbox
+    assert delivered.startswith(f"id={ndr_id} to=<{SENDER}> connector=mailbox relay=mailbox ")
+    (entry,) = lines.json("ndr-queued")
+    assert (entry["id"], entry["ndr"], entry["to"]) == (queue_id, ndr_id, SENDER)
+
+
+async def test_expiry_is_an_expired_line_with_the_last_code(relay: Relay, lines: Lines) -> None:
+    queue_id = await submit(relay, to="user@refused.lab.test")
+    await run_once(relay)
+    advance(relay, EXPIRATION)
+    await run_once(relay)
+    (line,) = lines.text("expired")
+    assert re.fullmatch(
+        rf'id={queue_id} to=<user@refused\.lab\.test> connector="Lab refused" '
+        r"delay=\d+\.\d attempts=1 code=\S+ status=expired \(550 .*\)",
+        line,
+    ), line
+    (entry,) = lines.json("expired")
+    assert float(str(entry["delay"])) >= EXPIRATION
+
+
+async def test_client_text_is_escaped_and_values_with_spaces_quoted() -> None:
+    line = Line(id=1, to="a\rb@x.test", connector='To "on" prem', status="deferred", reply="4\n")
+    assert (
+        str(line) == r'id=1 to=<a\x0db@x.test> connector="To \"on\" prem" status=deferred (4\x0a)'
+    )
+    assert Line(id=2, helo="", tls=None).__str__() == 'id=2 helo=""'
+    assert Line(id=3, relay=("mx.test", None, None)).json_fields() == {"id": 3, "relay": "mx.test"}
+
+
+# ---- [log] format ---------------------------------------------------------------------------
+
+
+def test_log_format_is_validated_naming_the_key_and_the_values(tmp_path: Path) -> None:
+    assert load(write_config(tmp_path, log={"format": "json"})).config.log.format is LogFormat.JSON
+    with pytest.raises(ConfigError) as caught:
+        load(write_config(tmp_path, name="bad.toml", log={"format": "xml"}))
+    (problem,) = caught.value.problems
+    assert problem.startswith('log.format = "xml": must be one of')
+    assert "text" in problem and "json" in problem
+
+
+# ---- relay serve -v -------------------------------------------------------------------------
+
+
+async def test_verbose_shows_outbound_smtp_and_never_the_sql(tmp_path: Path, lab: FaultLab) -> None:
+    """Logging set up as `relay serve -v` sets it up, around a real delivery."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), logging.getLogger("aiosqlite").level)
+    listener = log_in_background(verbosity=1, format=LogFormat.TEXT, stream=out)
+    try:
+        async with manual_relay(lab_config(tmp_path, lab)) as relay:
+            await submit(relay, to="user@good.lab.test")
+            await run_once(relay)
+    finally:
+        listener.stop()
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+        logging.getLogger("aiosqlite").setLevel(saved[2])
+    text = out.getvalue()
+    peer = f"{lab_name(Fault.GOOD)}[127.0.0.1]:{_port(lab, Fault.GOOD)}"
+    assert f"relay.delivery: {peer} > MAIL FROM:<{SENDER}>" in text, text
+    assert f"relay.delivery: {peer} > RCPT TO:<user@good.lab.test>" in text
+    assert f"relay.delivery: {peer} < 250 2.6.0 Queued mail for delivery" in text
+    assert f"relay.delivery: {peer} > STARTTLS" in text
+    assert "mail.log" in text  # aiosmtpd's inbound session
+    assert "status=delivered" in text
+    for sql in ("PRAGMA", "SELECT", "INSERT", "aiosqlite"):
+        assert sql not in text, f"{sql} in the -v log"
