@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from relay import admin
 from relay.config import LogFormat
 from relay.errors import ConfigError
 from relay.lab.faults import Fault, FaultLab, lab_name
 from relay.logs import TEXT_FORMAT, JsonFormatter, Line, log_in_background
 from relay.server import Relay
 from tests.delivery_support import (
+    ON_PREMISES,
     SENDER,
     advance,
     lab_config,
@@ -231,3 +233,25 @@ async def test_verbose_shows_outbound_smtp_and_never_the_sql(tmp_path: Path, lab
     assert "status=delivered" in text
     for sql in ("PRAGMA", "SELECT", "INSERT", "aiosqlite"):
         assert sql not in text, f"{sql} in the -v log"
+
+
+async def test_fix_now_is_a_failed_line_with_5_1_10(relay: Relay, lines: Lines) -> None:
+    """Bob's on-premises mail waits; Fix now makes onprem.contoso.test authoritative and
+    the next dispatch fails him as not found, without an attempt."""
+    queue_id = await submit(relay, to="bob@onprem.contoso.test")
+    await run_once(relay)
+    (deferred,) = lines.text("deferred")
+    assert f'id={queue_id} to=<bob@onprem.contoso.test> connector="To on-premises" ' in deferred
+    assert relay.store is not None
+    await admin.fix_now(relay.store, relay.loaded, ON_PREMISES)
+    await relay.refresh()
+    await run_once(relay)
+    (line,) = lines.text("failed")
+    assert re.fullmatch(
+        rf'id={queue_id} to=<bob@onprem\.contoso\.test> connector="To on-premises" '
+        r"delay=\d+\.\d attempts=1 code=5\.1\.10 status=failed "
+        r"\(550 5\.1\.10 RESOLVER\.ADR\.RecipientNotFound; .*\)",
+        line,
+    ), line
+    (entry,) = lines.json("failed")
+    assert (entry["code"], entry["attempts"]) == ("5.1.10", 1)
