@@ -6,10 +6,12 @@ directions without aiosqlite's SQL.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +32,17 @@ from tests.delivery_support import (
     run_once,
     submit,
 )
-from tests.helpers import load, write_config
+from tests.helpers import (
+    HOST,
+    cli_env,
+    free_port,
+    load,
+    poll,
+    relay_command,
+    send_mail,
+    smtp_greets,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -255,3 +267,50 @@ async def test_fix_now_is_a_failed_line_with_5_1_10(relay: Relay, lines: Lines) 
     ), line
     (entry,) = lines.json("failed")
     assert (entry["code"], entry["attempts"]) == ("5.1.10", 1)
+
+
+async def test_serve_v_with_json_logs_both_directions_as_json_and_no_sql(
+    tmp_path: Path, lab: FaultLab
+) -> None:
+    """A real `relay serve -v` with `[log] format = "json"`: every stderr line is one JSON
+    object; the inbound session (mail.log) and the outbound one (relay.delivery) are in it,
+    and no SQL."""
+    port = free_port()
+    config = lab_config(tmp_path, lab, smtp={"listen": f"{HOST}:{port}"}, log={"format": "json"})
+    err = tmp_path / "serve.err"
+    with err.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            *relay_command("serve", "-v", config=config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=cli_env(),
+        )
+    try:
+        await poll(
+            lambda: process.returncode is None and smtp_greets(HOST, port),
+            timeout=20,
+            what="relay serve -v greeting",
+        )
+        reply = await send_mail(port, rcpt_tos=["user@good.lab.test"], mail_from=SENDER)
+        assert reply.startswith("250 "), reply
+        await poll(
+            lambda: '"status": "delivered"' in err.read_text("utf-8"),
+            timeout=20,
+            what="the delivered line",
+        )
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 10)
+    entries = [json.loads(line) for line in err.read_text("utf-8").splitlines()]
+    loggers = {e["logger"] for e in entries}
+    assert {"mail.log", "relay.delivery", "relay.intake", "relay.worker"} <= loggers, loggers
+    outbound = [str(e["message"]) for e in entries if e["logger"] == "relay.delivery"]
+    assert any(f"> MAIL FROM:<{SENDER}>" in m for m in outbound), outbound
+    assert any(" < 250 " in m for m in outbound), outbound
+    (delivered,) = [e for e in entries if e.get("status") == "delivered"]
+    assert delivered["to"] == "user@good.lab.test" and delivered["level"] == "INFO"
+    text = err.read_text("utf-8")
+    for sql in ("PRAGMA", "SELECT ", "INSERT ", "aiosqlite"):
+        assert sql not in text, f"{sql} in the -v log"
