@@ -314,3 +314,29 @@ async def test_serve_v_with_json_logs_both_directions_as_json_and_no_sql(
     text = err.read_text("utf-8")
     for sql in ("PRAGMA", "SELECT ", "INSERT ", "aiosqlite"):
         assert sql not in text, f"{sql} in the -v log"
+
+
+@pytest.mark.parametrize(
+    ("verbosity", "smtp_in", "sql"),
+    [(0, logging.WARNING, logging.WARNING), (1, logging.NOTSET, logging.WARNING), (2, 0, 0)],
+    ids=["serve", "-v", "-vv"],
+)
+def test_verbosity_sets_the_session_and_sql_loggers(verbosity: int, smtp_in: int, sql: int) -> None:
+    """`-v` lets aiosmtpd's session log through and keeps aiosqlite's SQL out; `-vv` lets
+    every library's debug output through."""
+    root = logging.getLogger()
+    names = ("mail.log", "aiosqlite")
+    saved = (root.level, list(root.handlers), [logging.getLogger(n).level for n in names])
+    for name in names:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    listener = log_in_background(verbosity=verbosity, format=LogFormat.TEXT, stream=io.StringIO())
+    try:
+        assert root.level == (logging.INFO if verbosity == 0 else logging.DEBUG)
+        assert logging.getLogger("mail.log").level == smtp_in
+        assert logging.getLogger("aiosqlite").level == sql
+    finally:
+        listener.stop()
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+        for name, level in zip(names, saved[2], strict=True):
+            logging.getLogger(name).setLevel(level)
