@@ -25,6 +25,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LIST_SHOWN = 20  # addresses of one list (a message's recipients) shown on a line
 # Text that needs quotes in a key=value line: what would end the value or look like a key.
 _NEEDS_QUOTES = frozenset(' "=\\')
+_ADDRESS_KEYS = frozenset({"to", "from", "recipients"})
 
 
 class Line:
@@ -51,7 +52,7 @@ class Line:
                 continue
             parts.append(f"{key}={_text(key, value)}")
         if reply is not None:
-            parts.append(f"({escaped(str(reply))})")
+            parts.append(f"({_safe(str(reply))})")
         return " ".join(parts)
 
     def json_fields(self) -> dict[str, object]:
@@ -59,37 +60,59 @@ class Line:
         return {k: _json(k, v) for k, v in self.fields.items() if v is not None}
 
 
+def _safe(text: str) -> str:
+    """`escaped`, with the usual case (nothing unprintable: every UNSAFE character is) in
+    one C call: this runs on the logging thread, which shares the GIL with the event loop."""
+    return text if text.isprintable() else escaped(text)
+
+
 def _relay(value: tuple[object, ...]) -> str:
     server, ip, port = value
     if ip is None:
-        return escaped(str(server))
-    return f"{escaped(str(server))}[{ip}]" + ("" if port is None else f":{port}")
+        return _safe(str(server))
+    return f"{_safe(str(server))}[{ip}]" + ("" if port is None else f":{port}")
 
 
-def _text(key: str, value: object) -> str:
-    if key == "relay" and isinstance(value, tuple):
-        return _relay(value)
-    if key in ("to", "from", "recipients"):
-        return ",".join(f"<{escaped(a)}>" for a in _shown_list(value))
-    if key == "delay" and isinstance(value, float):
-        return f"{value:.1f}"
-    if key == "next_attempt" and isinstance(value, float):
-        return iso(value) or ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int | float):
-        return str(value)
-    text = escaped(str(value))
+def _addresses(value: object) -> str:
+    if isinstance(value, str):
+        return f"<{_safe(value)}>"
+    return ",".join(f"<{_safe(a)}>" for a in _shown_list(value))
+
+
+def _quoted(text: str) -> str:
+    text = _safe(text)
+    if text and text.isalnum():
+        return text
     if not text or any(c in _NEEDS_QUOTES for c in text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
 
 
+def _text(key: str, value: object) -> str:
+    if isinstance(value, str):
+        return _addresses(value) if key in _ADDRESS_KEYS else _quoted(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if key == "delay":
+            return f"{value:.1f}"
+        if key == "next_attempt":
+            return iso(value) or ""
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if key == "relay" and isinstance(value, tuple):
+        return _relay(value)
+    if key in _ADDRESS_KEYS:
+        return _addresses(value)
+    return _quoted(str(value))
+
+
 def _json(key: str, value: object) -> object:
     if key == "relay" and isinstance(value, tuple):
         return _relay(value)
-    if key in ("to", "from", "recipients"):
-        shown = [escaped(a) for a in _shown_list(value)]
+    if key in _ADDRESS_KEYS:
+        shown = [_safe(a) for a in _shown_list(value)]
         return shown if not isinstance(value, str) else shown[0]
     if key == "delay" and isinstance(value, float):
         return round(value, 1)
@@ -97,7 +120,7 @@ def _json(key: str, value: object) -> object:
         return iso(value)
     if isinstance(value, bool | int | float):
         return value
-    return escaped(str(value))
+    return _safe(str(value))
 
 
 def _shown_list(value: object) -> Iterator[str]:
