@@ -32,8 +32,9 @@ class Line:
     """One step of a message as fields, in the order given; None values are left out.
 
     `to` and `from` show as <address> (a list as <a>,<b>), `relay` (server, ip, port) as
-    server[ip]:port, `delay` in seconds with one decimal, `next_attempt` as an ISO 8601 time, and `reply` last, in parentheses after
-    `status`, as Postfix writes it: `status=deferred (450 4.4.316 Connection refused ...)`.
+    server[ip]:port, `delay` in seconds with one decimal, `next_attempt` as an ISO 8601
+    time, and `reply` last, in parentheses after `status`, as Postfix writes it:
+    `status=deferred (450 4.4.316 Connection refused ...)`.
     """
 
     __slots__ = ("fields",)

@@ -2,10 +2,10 @@
 
 Wire event → `relay.classify` → retry schedule (`relay.retry`) → `relay.states.step` →
 `Result`, written through the spool, then one log line per recipient from the same values
-(`relay.logs.Line`: the step's status, code and reply, the server, the delay). A write that fails (a full disk) is tried again with
-backoff while the recipients stay in flight, so nothing is sent twice meanwhile. Connector
-health lives here too: when a connector that failed delivers again, its deferred mail is
-made due at once.
+(`relay.logs.Line`: the step's status, code and reply, the server, the delay). A write
+that fails (a full disk) is tried again with backoff while the recipients stay in flight,
+so nothing is sent twice meanwhile. Connector health lives here too: when a connector that
+failed delivers again, its deferred mail is made due at once.
 """
 
 from __future__ import annotations
