@@ -86,6 +86,7 @@ class WireEvent:
     code: int | None = None  # the remote's reply code, for Failure.REPLY
     reply: str = ""  # the remote's reply text, for Failure.REPLY
     last_code: str | None = None  # for Failure.EXPIRED: the last attempt's code, which it names
+    tls: str | None = None  # the session's TLS protocol when it failed ("TLSv1.3"), for logs
 
 
 class Verdict(StrEnum):

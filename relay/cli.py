@@ -7,8 +7,6 @@ import asyncio
 import gc
 import json
 import logging
-import logging.handlers
-import queue
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -63,7 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = commands.add_parser("serve", parents=[common], help="run the relay (SMTP + delivery)")
-    serve.add_argument("-v", "--verbose", action="store_true", help="log every SMTP session")
+    serve.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log both directions of every SMTP session (-vv: libraries' debug output too)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     health = commands.add_parser(
@@ -254,9 +258,10 @@ def _run(coro: Awaitable[T]) -> T:
 
 
 def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from relay.logs import log_in_background
     from relay.server import serve
 
-    listener = _log_in_background(verbose=args.verbose)
+    listener = log_in_background(verbosity=args.verbose, format=loaded.config.log.format)
     _tune_gc()
     try:
         run_fast(serve(loaded))
@@ -270,46 +275,6 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     finally:
         listener.stop()  # writes out what is still queued
     return EXIT_OK
-
-
-def _log_in_background(*, verbose: bool) -> logging.handlers.QueueListener:
-    """Log to stderr from a thread of its own: formatting and writing a line per message
-    would otherwise be blocking work on the event loop."""
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    # What the format above does not show is not collected (the logging HOWTO's
-    # "Optimization" section): no caller's frame, thread, process or task name per record.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # Python >= 3.12
-    root = logging.getLogger()
-    root.addHandler(_HandToThread(records))
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command log
-    listener = logging.handlers.QueueListener(records, stream)
-    listener.start()
-    return listener
-
-
-class _HandToThread(logging.Handler):
-    """Puts each record on the logging thread's queue as it is. QueueHandler would also
-    format and copy it here, on the event loop, which is the work the thread is for; the
-    relay's log arguments are numbers and strings, so nothing changes before it is written."""
-
-    def __init__(self, records: queue.SimpleQueue[logging.LogRecord]) -> None:
-        super().__init__()
-        self._put = records.put
-
-    def handle(self, record: logging.LogRecord) -> bool:  # no lock: the queue is thread-safe
-        self._put(record)
-        return True
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._put(record)
 
 
 def _tune_gc() -> None:

@@ -250,6 +250,15 @@ class AlertsConfig(_Section):
         return [_address(v) for v in values]
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"  # key=value lines, as Postfix's
+    JSON = "json"  # one JSON object per line, the same fields
+
+
+class LogConfig(_Section):
+    format: LogFormat = LogFormat.TEXT
+
+
 class Config(_Section):
     smtp: SmtpConfig = Field(default_factory=SmtpConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
@@ -258,6 +267,7 @@ class Config(_Section):
     accepted_domains: list[AcceptedDomain] = Field(default_factory=list)
     connectors: list[Connector] = Field(default_factory=list)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @property
     def default_domain(self) -> str:

@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.clock import Clock
 from relay.errors import StoreError
 from relay.headers import complete_headers, received_header, rfc5322_date, with_protocol
+from relay.logs import Line
 from relay.policy import Policy
 from relay.routing import route
 from relay.smtpd import BAD_RECIPIENT, BAD_SENDER, TLS_FIRST, RelaySMTP, client_ip
@@ -140,15 +141,30 @@ class IntakeHandler:
         except StoreError as exc:
             log.error("queueing failed, answered 451: %s", exc)
             return STORE_FAILED
-        log.info(
-            "queued id=%d from=<%s> rcpts=%d size=%d",
-            queue_id,
-            message.mail_from,
-            len(message.recipients),
-            len(content),
-        )
+        log.info(_queued_line(message, session, size=len(content)))
         bracketed = f"<{message_id.strip().strip('<>')}>"
         return f"250 2.6.0 {bracketed} [InternalId={queue_id}] Queued mail for delivery"
+
+
+def _queued_line(message: NewMessage, session: Session, *, size: int) -> Line:
+    """`id=7 from=<a@b> to=<c@d> nrcpt=1 size=2310 client=192.0.2.1 helo=... tls=TLSv1.3
+    message_id=<...> status=queued`: rendered (and escaped) on the logging thread."""
+    tls = None
+    if session.ssl is not None:
+        ssl_object = session.ssl.get("ssl_object")
+        tls = ssl_object.version() if ssl_object is not None else "yes"
+    return Line(
+        id=message.id,
+        **{"from": message.mail_from},
+        to=tuple(r.address for r in message.recipients),
+        nrcpt=len(message.recipients),
+        size=size,
+        client=message.client_address,
+        helo=message.client_helo,
+        tls=tls,
+        message_id=message.message_id,
+        status="queued",
+    )
 
 
 def _prepend(prefix: bytes, raw: bytes | bytearray) -> bytes:

@@ -31,7 +31,7 @@ from relay.classify import Failure, Stage, classify
 from relay.config import Connector
 from relay.resolve import Resolver
 from relay.routing import Route, RouteKind
-from tests.delivery_support import SENDER, ScriptedPeer, connector
+from tests.delivery_support import SENDER, ScriptedPeer, accepted, connector
 from tests.helpers import HOST
 
 pytestmark = pytest.mark.timeout(60)
@@ -162,7 +162,7 @@ async def send_through_agent(port: int, content: bytes) -> Results:
     parcel = Parcel(1, SENDER, ((1, RCPT),))
     got: Results = {}
     async for _, results in agent.deliver(partner_route(port), [parcel], load):
-        got = results
+        got = accepted(results)
     await agent.close_idle(older_than=0)
     return got
 

@@ -243,7 +243,21 @@ def test_the_readme_walkthrough_works_as_written(session: Session) -> None:
     assert sorted(grep.split()) == sorted(
         ["Status:", "5.1.10", "Status:", "5.4.315", "Status:", "5.7.320"]
     ), grep
+    assert_server_log(session.cwd / "serve.log")
     assert time.monotonic() - began < 60
+
+
+def assert_server_log(path: Path) -> None:
+    """The server's log says what happened to bob's message (ID 1), a line per step: each
+    attempt deferred with 4.4.316, the failure after Fix now, and the NDR to alice."""
+    text = path.read_text("utf-8", errors="replace")
+    bob = "id=1 to=<bob@onprem.contoso.test> "
+    deferred = [line for line in text.splitlines() if bob in line and "status=deferred" in line]
+    assert deferred, text
+    for attempts, line in enumerate(deferred, start=1):
+        assert f" attempts={attempts} code=4.4.316 status=deferred " in line, line
+    assert re.search(rf"{re.escape(bob)}.* code=5\.1\.10 status=failed \(550 5\.1\.10 ", text)
+    assert re.search(r"id=1 ndr=\d+ to=<alice@contoso\.test> .*status=ndr-queued", text), text
 
 
 def step(session: Session, command: str) -> str:

@@ -1,8 +1,9 @@
 """Delivery agents: what the queue manager hands a route's mail to, behind one protocol.
 
 An agent only delivers: it gets a route, the parcels for it in order and a way to read
-their content, and yields each parcel with what happened to every recipient of it (None:
-delivered, else a `WireEvent` for `relay.classify`). It decides nothing about retries,
+their content, and yields each parcel with what happened to every recipient of it (a
+`Delivered`, or None when the agent has nothing to say about it: delivered; else a
+`WireEvent` for `relay.classify`). It decides nothing about retries,
 expiry or NDRs; the queue manager does (Postfix's qmgr and its delivery agents). The
 SMTP agent (`relay.agents.smtp`) serves connector and MX routes, the Maildir agent
 (`relay.agents.maildir`) the local mailboxes.
@@ -34,8 +35,22 @@ class Parcel:
     recipients: tuple[tuple[int, str], ...]  # (recipient row id, address)
 
 
-# Per recipient row id: None when the destination accepted it, else what went wrong.
-Results = dict[int, WireEvent | None]
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A recipient the destination accepted, and how: its final reply (which carries the
+    destination's own queue id), the server, its address and the TLS protocol (None: plain
+    text). One value is shared by the recipients of a transaction."""
+
+    reply: str
+    server: str
+    ip: str | None = None
+    port: int | None = None
+    tls: str | None = None
+
+
+# Per recipient row id: Delivered (or None, the same without details) when the destination
+# accepted it, else what went wrong.
+Results = dict[int, WireEvent | Delivered | None]
 
 # A message's content by its id, read from the queue when the agent is about to send it.
 Content = Callable[[int], Awaitable[bytes]]

@@ -10,7 +10,7 @@ import mailbox
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
-from relay.agents import CACHE_TIME_LIMIT, Content, Parcel, Results
+from relay.agents import CACHE_TIME_LIMIT, Content, Delivered, Parcel, Results
 from relay.classify import Failure, Stage, WireEvent
 from relay.routing import Route
 from relay.text import printable
@@ -62,15 +62,16 @@ class MaildirAgent:
             data = await content(parcel.message)
             results: Results = {}
             for rid, address in parcel.recipients:
+                mailbox = self._mailbox_for(address)
                 try:
-                    await asyncio.to_thread(
+                    key = await asyncio.to_thread(
                         write_message,
                         self._root,
-                        self._mailbox_for(address),
+                        mailbox,
                         mail_from=parcel.mail_from,
                         content=data,
                     )
-                    results[rid] = None
+                    results[rid] = Delivered(f"delivered to maildir {mailbox} as {key}", "mailbox")
                 except OSError as exc:
                     log.error("mailbox %s: %s", address, exc)
                     text = f"4.3.0 Could not write to the mailbox: {exc.strerror or exc}"

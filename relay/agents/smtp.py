@@ -29,7 +29,14 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
-from relay.agents import CACHE_TIME_LIMIT, CONNECTIONS_PER_ROUTE, Content, Parcel, Results
+from relay.agents import (
+    CACHE_TIME_LIMIT,
+    CONNECTIONS_PER_ROUTE,
+    Content,
+    Delivered,
+    Parcel,
+    Results,
+)
 from relay.classify import Failure, Stage, WireEvent
 from relay.config import TlsPolicy
 from relay.errors import DnsError, RelayError
@@ -435,6 +442,8 @@ class Session:
         # From MAIL until the final reply (or RSET): a QUIT now would land inside the
         # transaction, DATA content included, so such a session is closed, never cached.
         self.in_transaction = False
+        self.tls: str | None = None  # the protocol once STARTTLS succeeded ("TLSv1.3")
+        self.peer = f"{name}[{ip}]:{port}"  # as Postfix logs a server
         self.smtp = aiosmtplib.SMTP(
             hostname=ip,
             port=port,
@@ -468,6 +477,7 @@ class Session:
                 port=self.port,
                 code=code,
                 reply=reply,
+                tls=self.tls,
             )
         )
 
@@ -481,12 +491,28 @@ class Session:
             port=self.port,
             code=code,
             reply=reply,
+            tls=self.tls,
         )
+
+    def trace(self, command: str | None, reply: SMTPResponse | None = None) -> None:
+        """At DEBUG (`relay serve -v`): a command sent and the reply received, a line for
+        each reply line. Callers check `log.isEnabledFor(DEBUG)` first: this is the hot
+        path, and with DEBUG off it must cost nothing."""
+        if command is not None:
+            log.debug("%s > %s", self.peer, escaped(command))
+        if reply is not None:
+            lines = reply.message.split("\n")
+            last = len(lines) - 1
+            for n, text in enumerate(lines):
+                mark = " " if n == last else "-"
+                log.debug("%s < %d%s%s", self.peer, reply.code, mark, escaped(text))
 
     async def connect(self, timeout: float) -> None:
         try:
-            await self.smtp.connect(timeout=timeout)
+            greeting = await self.smtp.connect(timeout=timeout)
         except SMTPConnectResponseError as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                self.trace(None, SMTPResponse(exc.code, exc.message))
             raise self.broken(
                 Stage.GREETING, Failure.REPLY, exc.message, code=exc.code, reply=exc.message
             ) from None
@@ -498,6 +524,8 @@ class Session:
             ) from None
         except SMTPConnectError as exc:
             raise self._connect_failure(exc) from None
+        if log.isEnabledFor(logging.DEBUG):
+            self.trace(None, greeting)
         await self._ehlo()
 
     def _connect_failure(self, exc: SMTPConnectError) -> SessionBroken:
@@ -524,13 +552,20 @@ class Session:
         )
 
     async def _ehlo(self) -> None:
+        debug = log.isEnabledFor(logging.DEBUG)
         try:
             try:
-                await self.smtp.ehlo()
+                reply = await self.smtp.ehlo()
+                if debug:
+                    self.trace(f"EHLO {self.hostname}", reply)
             except SMTPResponseException as exc:
+                if debug:
+                    self.trace(f"EHLO {self.hostname}", SMTPResponse(exc.code, exc.message))
                 if exc.code < 500:
                     raise
-                await self.smtp.helo()  # RFC 5321 section 3.2: fall back to HELO on 5xx
+                reply = await self.smtp.helo()  # RFC 5321 section 3.2: fall back to HELO on 5xx
+                if debug:
+                    self.trace(f"HELO {self.hostname}", reply)
         except SMTPResponseException as exc:
             raise self.broken(
                 Stage.EHLO, Failure.REPLY, exc.message, code=exc.code, reply=exc.message
@@ -547,11 +582,14 @@ class Session:
     async def starttls(
         self, context: ssl.SSLContext | None, sni: str | None, settings: TlsSettings
     ) -> None:
+        debug = log.isEnabledFor(logging.DEBUG)
         try:
-            await self.smtp.starttls(tls_context=context, server_hostname=sni)
+            reply = await self.smtp.starttls(tls_context=context, server_hostname=sni)
         except ssl.SSLCertVerificationError as exc:
             raise self._certificate_failure(exc, settings) from None
         except SMTPResponseException as exc:
+            if debug:
+                self.trace("STARTTLS", SMTPResponse(exc.code, exc.message))
             if settings.policy in REQUIRED_TLS:
                 raise self.broken(
                     Stage.STARTTLS, Failure.REPLY, exc.message, code=exc.code, reply=exc.message
@@ -559,6 +597,12 @@ class Session:
             return  # opportunistic: the server declined; go on in plain text
         except (ssl.SSLError, SMTPServerDisconnected, SMTPTimeoutError, ConnectionError) as exc:
             raise _TlsFallback(f"TLS handshake with {self.endpoint} failed: {exc}") from None
+        transport = self.smtp.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        self.tls = ssl_object.version() if ssl_object is not None else None
+        if debug:
+            self.trace("STARTTLS", reply)
+            log.debug("%s: TLS %s", self.peer, self.tls)
         await self._ehlo()
 
     def _certificate_failure(
@@ -606,6 +650,7 @@ class Session:
         if not all(a.isascii() for a in addresses) and smtp.supports_extension("smtputf8"):
             options.append("SMTPUTF8")
         mail = f"MAIL FROM:<{parcel.mail_from}>" + "".join(f" {o}" for o in options)
+        debug = log.isEnabledFor(logging.DEBUG)
         loop = asyncio.get_running_loop()
         stage = Stage.MAIL
         results: Results = {}
@@ -616,6 +661,8 @@ class Session:
                 deadline.reschedule(loop.time() + COMMAND_TIMEOUT)
                 self.in_transaction = True
                 reply = await smtp.execute_command(mail.encode("utf-8"), timeout=None)
+                if debug:
+                    self.trace(mail, reply)
                 if reply.code != 250:
                     event = self.event(Stage.MAIL, reply.code, reply.message)
                     results = {rid: event for rid, _ in parcel.recipients}
@@ -626,6 +673,8 @@ class Session:
                         deadline.reschedule(loop.time() + COMMAND_TIMEOUT)
                         command = f"RCPT TO:<{address}>".encode()
                         reply = await smtp.execute_command(command, timeout=None)
+                        if debug:
+                            self.trace(f"RCPT TO:<{address}>", reply)
                         if reply.code in (250, 251):
                             accepted.append(rid)
                         else:
@@ -637,14 +686,24 @@ class Session:
                     protocol = smtp.protocol
                     try:
                         if len(content) > DATA_CHUNK or protocol is None:
-                            await self._stream(content)
+                            reply = await self._stream(content)
                         else:  # aiosmtplib's single write, as before: the 2 KB hot path
-                            await protocol.execute_data_command(content, timeout=None)
+                            reply = await protocol.execute_data_command(content, timeout=None)
                     except SMTPResponseException as exc:
+                        if debug:
+                            self.trace(
+                                f"DATA ({len(content)} bytes)", SMTPResponse(exc.code, exc.message)
+                            )
                         event = self.event(Stage.DATA, exc.code, exc.message)
                         results.update({rid: event for rid in accepted})
                     else:
-                        results.update({rid: None for rid in accepted})
+                        if debug:
+                            self.trace(f"DATA ({len(content)} bytes)", reply)
+                        # The final reply carries the destination's own queue id.
+                        delivered = Delivered(
+                            f"{reply.code} {reply.message}", self.name, self.ip, self.port, self.tls
+                        )
+                        results.update(dict.fromkeys(accepted, delivered))
                         self.in_transaction = False
                         return results
                 deadline.reschedule(loop.time() + COMMAND_TIMEOUT)
@@ -735,19 +794,25 @@ class Session:
         return reply
 
     def failed(self, stage: Stage, failure: Failure, detail: str) -> WireEvent:
-        return WireEvent(stage, failure, detail, server=self.name, ip=self.ip, port=self.port)
+        return WireEvent(
+            stage, failure, detail, server=self.name, ip=self.ip, port=self.port, tls=self.tls
+        )
 
     async def _reset(self) -> bool:
         """RSET; False when it was refused (the server's state is then unknown)."""
         try:
-            await self.smtp.rset()
+            reply = await self.smtp.rset()
         except SMTPResponseException:
             return False
+        if log.isEnabledFor(logging.DEBUG):
+            self.trace("RSET", reply)
         return True
 
     async def quit(self) -> None:
         with contextlib.suppress(SMTPException, OSError):
-            await self.smtp.quit(timeout=5)
+            reply = await self.smtp.quit(timeout=5)
+            if log.isEnabledFor(logging.DEBUG):
+                self.trace("QUIT", reply)
         await self.close()
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from relay import codes, headers, ndr
 from relay.clock import Clock, to_datetime
 from relay.headers import own_received_header
+from relay.logs import Line
 from relay.policy import Policy
 from relay.routing import route
 from relay.spool.protocol import Spool
@@ -69,6 +70,16 @@ class Bouncer:
             failed = [r for r in message.recipients if r.ndr_due]
             bounce = await self._ndr(message, failed) if message.mail_from else None
             await self._spool.send_bounce(message_id, [r.id for r in failed], bounce)
+            log.info(
+                Line(
+                    id=message_id,
+                    ndr=None if bounce is None else bounce.id,
+                    to=message.mail_from or None,
+                    recipients=tuple(r.address for r in failed),
+                    # The null sender (an NDR that failed) is owed none: RFC 5321 section 4.5.5.
+                    status="ndr-queued" if bounce is not None else "no-ndr",
+                )
+            )
 
     async def _ndr(self, message: MessageRow, failed: list[RecipientRow]) -> NewMessage | None:
         """The NDR for these recipients of a message (None for the null sender)."""
@@ -105,7 +116,6 @@ class Bouncer:
         queue_id = self._spool.reserve_id()
         received = own_received_header(hostname=hostname, via="NDR", queue_id=queue_id, now=now)
         sender = message.mail_from
-        log.info("NDR for id=%d to <%s> (%d recipient(s))", message.id, sender, len(recipients))
         return generated_message(
             queue_id=queue_id,
             subject=f"Undeliverable: {message.subject}",

@@ -1,10 +1,11 @@
 """The results step: what came of an attempt, or of giving up, becomes the change to write.
 
 Wire event → `relay.classify` → retry schedule (`relay.retry`) → `relay.states.step` →
-`Result`, written through the spool. A write that fails (a full disk) is tried again with
-backoff while the recipients stay in flight, so nothing is sent twice meanwhile. Connector
-health lives here too: when a connector that failed delivers again, its deferred mail is
-made due at once.
+`Result`, written through the spool, then one log line per recipient from the same values
+(`relay.logs.Line`: the step's status, code and reply, the server, the delay). A write
+that fails (a full disk) is tried again with backoff while the recipients stay in flight,
+so nothing is sent twice meanwhile. Connector health lives here too: when a connector that
+failed delivers again, its deferred mail is made due at once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from relay.agents import Parcel, Results
+from relay.agents import Delivered, Parcel, Results
 from relay.classify import (
     GIVE_UP_FAILURES,
     LOCAL_FAILURES,
@@ -29,6 +30,7 @@ from relay.classify import (
 )
 from relay.clock import Clock
 from relay.errors import StoreError
+from relay.logs import Line
 from relay.retry import next_attempt_at
 from relay.routing import Route, RouteKind
 from relay.spool.protocol import Spool
@@ -61,6 +63,7 @@ class Batch:
     rows: dict[int, RecipientRow]
     unrecorded: dict[int, RecipientRow] = field(init=False)
     failures: list[tuple[Exception, int]] = field(default_factory=list)  # (exception, message)
+    received: dict[int, float] = field(default_factory=dict)  # message: its received_at
 
     def __post_init__(self) -> None:
         self.unrecorded = dict(self.rows)
@@ -102,33 +105,41 @@ class Recorder:
         route = batch.route
         now = self._clock.now()
         written: list[Result] = []
+        lines: list[Line] = []
         delivered = 0
+        received = batch.received.get(message)
+        delay = None if received is None else now - received
         for rid, event in results.items():
             row = batch.rows[rid]
-            if event is None:
+            if event is None or isinstance(event, Delivered):
                 delivered += 1
-                written.append(_result(row, Event.DELIVERED, route.label, now))
+                result = _result(row, Event.DELIVERED, route.label, now)
+                written.append(result)
+                lines.append(_delivered_line(row, result, event, delay))
                 continue
             outcome = classify(event)
             error = _last_error(outcome, now)
             if outcome.permanent:
-                written.append(_result(row, Event.PERMANENT, route.label, now, error=error))
+                result = _result(row, Event.PERMANENT, route.label, now, error=error)
             else:
-                written.append(self._deferred(row, route.label, error, now))
+                result = self._deferred(row, route.label, error, now)
+            written.append(result)
+            lines.append(_attempt_line(row, result, event, outcome, delay))
         await self.write(written, (message,))
         batch.recorded(results)
+        for line in lines:
+            log.info(line)
         if any(w.change.ndr_owed for w in written):
             self._ndr_owed()
         if route.kind is RouteKind.CONNECTOR:
             # A message of our own that could not be sent (an address SMTP cannot carry, a
             # local error) says nothing about the connector either way.
             failed_there = any(
-                e is not None and e.failure not in LOCAL_FAILURES for e in results.values()
+                isinstance(e, WireEvent) and e.failure not in LOCAL_FAILURES
+                for e in results.values()
             )
             if delivered or failed_there:
                 await self._note_connector(route.label, delivered > 0, now)
-        if delivered:
-            log.info("delivered id=%d to %d recipient(s) via %s", message, delivered, route.label)
 
     async def unexpected(self, batch: Batch, rows: Sequence[RecipientRow], exc: Exception) -> None:
         """An unexpected exception while delivering these recipients of the batch: they wait
@@ -139,16 +150,23 @@ class Recorder:
         if not rows:
             return
         now = self._clock.now()
-        error = _last_error(classify(WireEvent(Stage.MAIL, Failure.INTERNAL, detail(exc))), now)
+        event = WireEvent(Stage.MAIL, Failure.INTERNAL, detail(exc))
+        outcome = classify(event)
+        error = _last_error(outcome, now)
         written = [self._deferred(row, batch.route.label, error, now) for row in rows]
         await self.write(written, sorted({row.message for row in rows}))
         batch.recorded(row.id for row in rows)
+        for row, result in zip(rows, written, strict=True):
+            received = batch.received.get(row.message)
+            delay = None if received is None else now - received
+            log.info(_attempt_line(row, result, event, outcome, delay))
 
     async def give_up(self, rows: Sequence[RecipientRow], failure: Failure, *, now: float) -> None:
         """Expire (Failure.EXPIRED) or fail (Failure.NOT_FOUND, Fix now) recipients without
         an attempt; each keeps its last attempt's server and ip."""
         event = _GIVE_UP_EVENTS[failure]
         written: list[Result] = []
+        outcomes: list[Outcome] = []
         for row in rows:
             last = row.last_error
             server, ip = (last.server, last.ip) if last else (None, None)
@@ -156,10 +174,43 @@ class Recorder:
                 wire = expiry(last_code=last.code if last else None, server=server, ip=ip)
             else:
                 wire = not_found(server=server, ip=ip)
-            error = _last_error(classify(wire), now)
+            outcome = classify(wire)
+            outcomes.append(outcome)
+            error = _last_error(outcome, now)
             written.append(_result(row, event, row.connector, now, error=error))
-        await self.write(written, sorted({row.message for row in rows}))
+        messages = sorted({row.message for row in rows})
+        await self.write(written, messages)
         self._ndr_owed()
+        await self._log_give_up(rows, written, outcomes, messages, now)
+
+    async def _log_give_up(
+        self,
+        rows: Sequence[RecipientRow],
+        written: Sequence[Result],
+        outcomes: Sequence[Outcome],
+        messages: Sequence[int],
+        now: float,
+    ) -> None:
+        """A line per recipient given up on; the delay needs the messages' arrival times,
+        read here (a rare path: expiry, Fix now)."""
+        try:
+            received = {m: e[2] for m, e in (await self._spool.envelopes(messages)).items()}
+        except StoreError:
+            received = {}
+        for row, result, outcome in zip(rows, written, outcomes, strict=True):
+            arrived = received.get(row.message)
+            log.info(
+                Line(
+                    id=row.message,
+                    to=row.address,
+                    connector=row.connector,
+                    delay=None if arrived is None else now - arrived,
+                    attempts=row.attempts,
+                    code=outcome.code,
+                    status=result.change.status.value,
+                    reply=outcome.reply,
+                )
+            )
 
     def _deferred(self, row: RecipientRow, connector: str, error: LastError, now: float) -> Result:
         """A transient failure: the recipient waits for its next retry interval."""
@@ -259,6 +310,54 @@ def _result(
     change = step(row.state, event, now, retry_at=retry_at)
     assert change is not None, f"{event} changes nothing for a {row.status} recipient"
     return Result(row.id, row.status, change, now, connector, error)
+
+
+def _delivered_line(
+    row: RecipientRow, result: Result, delivered: Delivered | None, delay: float | None
+) -> Line:
+    """`id=7 to=<a@b> connector=... relay=host[ip]:port tls=TLSv1.3 delay=0.2 attempts=1
+    status=delivered (250 2.0.0 Ok: queued as 4F2A)`: the destination's reply names its
+    own queue id."""
+    if delivered is None:
+        relay = tls = reply = None
+    else:
+        relay, tls, reply = (
+            (delivered.server, delivered.ip, delivered.port),
+            delivered.tls,
+            delivered.reply,
+        )
+    return Line(
+        id=row.message,
+        to=row.address,
+        connector=result.connector,
+        relay=relay,
+        tls=tls,
+        delay=delay,
+        attempts=row.attempts + 1,
+        status=result.change.status.value,
+        reply=reply,
+    )
+
+
+def _attempt_line(
+    row: RecipientRow, result: Result, event: WireEvent, outcome: Outcome, delay: float | None
+) -> Line:
+    """`id=7 to=<a@b> connector=... relay=host[ip]:port delay=3.2 attempts=2 code=4.4.316
+    status=deferred next_attempt=... (450 4.4.316 Connection refused [...])`."""
+    change = result.change
+    return Line(
+        id=row.message,
+        to=row.address,
+        connector=result.connector,
+        relay=None if event.server is None else (event.server, event.ip, event.port),
+        tls=event.tls,
+        delay=delay,
+        attempts=row.attempts + 1,
+        code=outcome.code,
+        status=change.status.value,
+        next_attempt=None if change.final else change.next_attempt_at,
+        reply=outcome.reply,
+    )
 
 
 def _last_error(outcome: Outcome, now: float) -> LastError:

@@ -275,7 +275,7 @@ class Scheduler:
     async def _deliver(self, key: str, the_route: Route, rows: list[RecipientRow]) -> None:
         batch = Batch(the_route, {row.id: row for row in rows})
         try:
-            parcels, sizes = await self._parcels(rows)
+            parcels, sizes = await self._parcels(rows, batch)
             async with self._limits[key]:
                 if self._stopping.is_set():
                     return  # not begun: the recipients stay due for the next start
@@ -332,9 +332,11 @@ class Scheduler:
 
         return content
 
-    async def _parcels(self, rows: list[RecipientRow]) -> tuple[list[Parcel], dict[int, int]]:
+    async def _parcels(
+        self, rows: list[RecipientRow], batch: Batch
+    ) -> tuple[list[Parcel], dict[int, int]]:
         """One parcel per message, in arrival order (Exchange delivers a queue in order), and
-        each message's size."""
+        each message's size; the batch learns their arrival times (the log's delay)."""
         by_message: dict[int, list[RecipientRow]] = defaultdict(list)
         for row in rows:
             by_message[row.message].append(row)
@@ -344,6 +346,7 @@ class Scheduler:
             for message, members in sorted(by_message.items())
             if message in envelopes  # deleted from the CLI meanwhile
         ]
+        batch.received = {m: envelope[2] for m, envelope in envelopes.items()}
         return parcels, {p.message: envelopes[p.message][1] for p in parcels}
 
 

@@ -46,8 +46,8 @@ class Spool(Protocol):
 
     async def next_due_after(self, now: float) -> float | None: ...
 
-    async def envelopes(self, message_ids: Sequence[int]) -> dict[int, tuple[str, int]]:
-        """Sender and size of each message."""
+    async def envelopes(self, message_ids: Sequence[int]) -> dict[int, tuple[str, int, float]]:
+        """Sender, size and arrival time (received_at) of each message."""
         ...
 
     async def contents(self, message_ids: Sequence[int]) -> dict[int, bytes]: ...

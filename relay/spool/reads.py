@@ -70,11 +70,17 @@ async def next_due_after(conn: aiosqlite.Connection, now: float) -> float | None
 
 async def envelopes(
     conn: aiosqlite.Connection, message_ids: Sequence[int]
-) -> dict[int, tuple[str, int]]:
-    """Sender and size of each message."""
-    sql = "SELECT id, mail_from, size FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+) -> dict[int, tuple[str, int, float]]:
+    """Sender, size and arrival time of each message."""
+    sql = (
+        "SELECT id, mail_from, size, received_at FROM messages "
+        "WHERE id IN (SELECT value FROM json_each(?))"
+    )
     async with conn.execute(sql, (json.dumps(list(message_ids)),)) as cur:
-        return {int(r["id"]): (str(r["mail_from"]), int(r["size"])) for r in await cur.fetchall()}
+        return {
+            int(r["id"]): (str(r["mail_from"]), int(r["size"]), float(r["received_at"]))
+            for r in await cur.fetchall()
+        }
 
 
 async def contents(conn: aiosqlite.Connection, message_ids: Sequence[int]) -> dict[int, bytes]:

@@ -91,7 +91,7 @@ class SqliteSpool:
         with self._reading():
             return await reads.next_due_after(self._conn, now)
 
-    async def envelopes(self, message_ids: Sequence[int]) -> dict[int, tuple[str, int]]:
+    async def envelopes(self, message_ids: Sequence[int]) -> dict[int, tuple[str, int, float]]:
         with self._reading():
             return await reads.envelopes(self._conn, message_ids)
 
