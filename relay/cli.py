@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay import __version__, admin
+from relay import __version__, admin, mailbox_reader
 from relay.clock import Clock, iso
 from relay.config import ENV_VAR, DomainType, LoadedConfig, dump_toml, load_config
 from relay.errors import ConfigError, RelayError, UnitError, UsageError
@@ -27,6 +27,8 @@ from relay.views import (
     connectors_table,
     digest_table,
     domains_table,
+    mailbox_detail,
+    mailbox_table,
     message_detail,
     message_json,
     queue_table,
@@ -41,7 +43,7 @@ class CommandError(RelayError):
     """A command that failed for a reason the CLI words itself (exit 1)."""
 
 
-def _json_option(parser: argparse.ArgumentParser) -> None:
+def _json_option(parser: argparse._ActionsContainer) -> None:
     """The one --json option: the command prints JSON instead of its table or sentence."""
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -97,8 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     show = queue_commands.add_parser(
         "show", parents=[common], help="one message, its recipients and their attempt history"
     )
-    show.add_argument("id", type=int, metavar="ID")
-    _json_option(show)
+    show.add_argument("id", type=int, metavar="ID", help="the queue id (swaks' InternalId=N)")
+    shown = show.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--headers",
+        action="store_true",
+        help="the stored header block as it will be sent (postcat -h, exim -Mvh)",
+    )
+    shown.add_argument(
+        "--raw", action="store_true", help="the whole stored message, as bytes (exim -Mvb)"
+    )
+    _json_option(shown)
     show.set_defaults(run=cmd_queue_show)
     digest = queue_commands.add_parser(
         "digest", parents=[common], help="one row per route and last error (Get-QueueDigest)"
@@ -139,6 +150,32 @@ def _parser() -> argparse.ArgumentParser:
     fix.add_argument("connector", metavar="CONNECTOR")
     _json_option(fix)
     fix.set_defaults(run=cmd_fix_now)
+
+    mailbox = commands.add_parser(
+        "mailbox", help="read the local Maildirs (lab mail, NDRs, alerts)"
+    )
+    mailbox_commands = mailbox.add_subparsers(
+        dest="mailbox_command", metavar="ACTION", required=True
+    )
+    mlist = mailbox_commands.add_parser(
+        "list", parents=[common], help="the messages in the local mailboxes, oldest first"
+    )
+    mlist.add_argument(
+        "address", nargs="?", metavar="ADDRESS", help="one mailbox (default: every mailbox)"
+    )
+    _json_option(mlist)
+    mlist.set_defaults(run=cmd_mailbox_list)
+    mshow = mailbox_commands.add_parser(
+        "show",
+        parents=[common],
+        help="one message: its text and, for an NDR or DSN, its delivery status",
+    )
+    mshow.add_argument("address", metavar="ADDRESS", help="the mailbox, e.g. alice@contoso.test")
+    mshow.add_argument("n", type=int, metavar="N", help="the message's number in `mailbox list`")
+    mshown = mshow.add_mutually_exclusive_group()
+    mshown.add_argument("--raw", action="store_true", help="the file's bytes as stored")
+    _json_option(mshown)
+    mshow.set_defaults(run=cmd_mailbox_show)
 
     domain = commands.add_parser("domain", help="accepted domains, with runtime changes")
     domain_commands = domain.add_subparsers(dest="domain_command", metavar="ACTION", required=True)
@@ -397,15 +434,78 @@ def cmd_queue_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
                 await store.close()
         if message is None:
             raise CommandError(
-                f"no message with ID {args.id} in the queue (see `relay queue list`)"
+                f"no message with ID {args.id} in the queue {_read(loaded)} "
+                "(see `relay queue list --all`)"
             )
-        if args.json:
+        if args.headers or args.raw:
+            await _print_content(loaded, args.id, headers_only=args.headers)
+        elif args.json:
             _print_json(message_json(message, history=True))
         else:
             print(message_detail(message))
         return EXIT_OK
 
     return _run(run())
+
+
+async def _print_content(loaded: LoadedConfig, message_id: int, *, headers_only: bool) -> None:
+    store = await open_store(loaded)
+    assert store is not None  # the message was just read from it
+    try:
+        data = await store.content(message_id)
+    finally:
+        await store.close()
+    if headers_only:
+        end = data.find(b"\r\n\r\n")
+        data = data if end < 0 else data[: end + 2]
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _read(loaded: LoadedConfig) -> str:
+    """Which config and database a command read, for the sentences that found nothing."""
+    return f"{loaded.path(loaded.config.queue.path)} (config: {loaded.source})"
+
+
+def _mailbox_root(loaded: LoadedConfig) -> Path:
+    return loaded.path(loaded.config.mailboxes.path)
+
+
+def cmd_mailbox_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    root = _mailbox_root(loaded)
+    names = [args.address.lower()] if args.address else mailbox_reader.addresses(root)
+    entries = [e for name in names for e in mailbox_reader.list_mailbox(root, name)]
+    if args.json:
+        _print_json([e.to_json() for e in entries])
+    elif not entries:
+        which = f"the mailbox {args.address}" if args.address else "no mailbox"
+        print(f"No mail: {which} under {root} holds any (config: {loaded.source})")
+    else:
+        print(mailbox_table(entries))
+    return EXIT_OK
+
+
+def cmd_mailbox_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    root = _mailbox_root(loaded)
+    file = mailbox_reader.message_file(root, args.address, args.n)
+    if file is None:
+        count = len(mailbox_reader.list_mailbox(root, args.address))
+        raise CommandError(
+            f"no message {args.n} in the mailbox {args.address} under {root} "
+            f"(config: {loaded.source}); it holds {count} (see `relay mailbox list`)"
+        )
+    if args.raw:
+        sys.stdout.buffer.write(file.read_bytes())
+        sys.stdout.buffer.flush()
+        return EXIT_OK
+    rendered = mailbox_reader.render(root, args.address, args.n)
+    assert rendered is not None
+    if args.json:
+        _print_json(rendered.to_json())
+    else:
+        print(mailbox_detail(rendered))
+    return EXIT_OK
 
 
 async def writable_store(loaded: LoadedConfig) -> Spool:
@@ -608,7 +708,7 @@ def _print_clock(args: argparse.Namespace, clock: Any) -> None:
     if args.json:
         _print_json(_clock_json(clock))
     else:
-        print(f"relay time: {short_time(clock.now())} UTC")
+        print(f"relay time: {short_time(clock.now())}")
         print(admin.clock_note(clock) or "the lab clock is not offset (real time)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay.clock import iso
+from relay.mailbox_reader import MailboxEntry, Rendered
 from relay.spool.rows import Attempt, LastError, MessageRow, RecipientRow
 from relay.states import Status
 
@@ -74,8 +75,58 @@ def clip(text: str, width: int) -> str:
 
 
 def short_time(timestamp: float | None) -> str:
+    """The one time format for people: UTC with the date, `2026-12-04 04:48:46Z` ("-" for
+    none). JSON keeps ISO 8601 (`relay.clock.iso`)."""
     text = iso(timestamp)
-    return text.replace("T", " ").removesuffix("Z") if text else "-"
+    return text.replace("T", " ") if text else "-"
+
+
+def relative(timestamp: float, now: float) -> str:
+    """How far a time is from now, roughly, for people: `in 4m`, `2h ago`, `now`."""
+    delta = timestamp - now
+    seconds = abs(delta)
+    if seconds < 1:
+        return "now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            amount = f"{int(seconds // size)}{unit}"
+            break
+    return f"in {amount}" if delta > 0 else f"{amount} ago"
+
+
+def mailbox_table(entries: list[MailboxEntry]) -> str:
+    """`relay mailbox list`: one line per message, N first (what `mailbox show` takes)."""
+    lines = [f"{'N':>4}  {'DATE (UTC)':<20}  {'SIZE':>7}  FROM / SUBJECT"]
+    address = None
+    for e in entries:
+        if e.address != address:
+            address = e.address
+            lines.append(f"{address}:")
+        lines.append(f"{e.n:>4}  {short_time(e.date):<20}  {human_size(e.size):>7}  {e.mail_from}")
+        lines.append(f"{'':36}{e.subject}")
+    return "\n".join(lines)
+
+
+def mailbox_detail(message: Rendered) -> str:
+    """`relay mailbox show`: the summary, the text parts and, for an NDR or DSN, its
+    delivery-status fields per recipient."""
+    e = message.entry
+    lines = [
+        f"Mailbox:  {e.address} #{e.n}",
+        f"File:     {e.file}",
+        f"Date:     {short_time(e.date)}",
+        f"From:     {e.mail_from}",
+        f"To:       {message.to}",
+        f"Subject:  {e.subject}",
+        "",
+        message.text,
+    ]
+    if message.delivery_status is not None:
+        lines += ["", "Delivery status:"]
+        for block in message.delivery_status:
+            lines.append("")
+            lines += [f"  {field + ':':<17} {value}" for field, value in block.items()]
+    return "\n".join(lines)
 
 
 def queue_table(messages: list[MessageRow], *, clock_note: str = "") -> str:
