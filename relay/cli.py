@@ -9,6 +9,7 @@ import json
 import logging
 import logging.handlers
 import queue
+import shutil
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -19,8 +20,9 @@ from relay.clock import Clock, iso
 from relay.config import ENV_VAR, DomainType, LoadedConfig, dump_toml, load_config
 from relay.errors import ConfigError, RelayError, UnitError, UsageError
 from relay.spool.protocol import Spool
+from relay.spool.rows import ListFilter
 from relay.spool.sqlite import open_spool
-from relay.states import Status
+from relay.states import FINAL, UNFINISHED, Status
 from relay.units import parse_duration
 from relay.views import (
     alerts_table,
@@ -84,9 +86,26 @@ def _parser() -> argparse.ArgumentParser:
     queue = commands.add_parser("queue", help="inspect and act on the queue")
     queue_commands = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     listing = queue_commands.add_parser(
-        "list", parents=[common], help="the queue, mailq style (newest last)"
+        "list",
+        parents=[common],
+        help="mail not yet finished, mailq style (newest last); --all for everything kept",
     )
-    listing.add_argument("--status", choices=[s.value for s in Status], help="only this state")
+    states = ", ".join(s.value for s in Status)
+    listing.add_argument(
+        "--status",
+        action="append",
+        choices=[s.value for s in Status],
+        metavar="STATUS",
+        help=f"only messages with a recipient in this state (repeatable; one of {states})",
+    )
+    listing.add_argument(
+        "--all", action="store_true", help="also finished mail (delivered, failed, expired)"
+    )
+    listing.add_argument(
+        "--connector", metavar="NAME", help="only messages with a recipient on this route"
+    )
+    listing.add_argument("--from", dest="mail_from", metavar="ADDRESS", help="only this sender")
+    listing.add_argument("--to", metavar="ADDRESS", help="only messages with this recipient")
     listing.add_argument(
         "--limit",
         type=int,
@@ -399,25 +418,80 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+def terminal_width() -> int | None:
+    """The terminal's width when stdout is one (COLUMNS first, as shutil reads it); None
+    for a pipe or a file, where tables are never wrapped or cut."""
+    try:
+        tty = sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return shutil.get_terminal_size().columns if tty else None
+
+
+def list_filter(args: argparse.Namespace) -> ListFilter:
+    """What `queue list` selects: unfinished mail unless --all or --status say otherwise."""
+    if args.status:
+        statuses: frozenset[Status] | None = frozenset(Status(s) for s in args.status)
+    else:
+        statuses = None if args.all else UNFINISHED
+    return ListFilter(
+        statuses=statuses, connector=args.connector, mail_from=args.mail_from, recipient=args.to
+    )
+
+
+def _nothing_listed(args: argparse.Namespace, where: ListFilter, loaded: LoadedConfig) -> str:
+    """The sentence for an empty listing: what was asked, and which database was read."""
+    selected = [
+        f"{name} {value}"
+        for name, value in (
+            ("--connector", args.connector),
+            ("--from", args.mail_from),
+            ("--to", args.to),
+        )
+        if value is not None
+    ]
+    if args.status:
+        selected.insert(0, "--status " + ",".join(args.status))
+    if selected:
+        head = "No messages match " + " ".join(selected)
+    elif where.statuses is None:
+        head = "The queue holds no messages, finished or not"
+    else:
+        head = "Mail queue is empty"
+    hint = "" if args.all or args.status else "; `relay queue list --all` shows finished mail too"
+    return f"{head}: read {_read(loaded)}{hint}"
+
+
 def cmd_queue_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    where = list_filter(args)
+
     async def run() -> int:
         store = await open_store(loaded)
         note = ""
+        clock = Clock()
         if store is None:
             messages = []
         else:
             try:
-                status = Status(args.status) if args.status else None
                 messages = await store.list_messages(
-                    status=status, limit=args.limit, newest=args.limit is not None
+                    where=where, limit=args.limit, newest=args.limit is not None
                 )
-                note = admin.clock_note(await admin.clock_for(store))
+                clock = await admin.clock_for(store)
+                note = admin.clock_note(clock)
             finally:
                 await store.close()
         if args.json:
             _print_json([message_json(m) for m in messages])
         else:
-            print(queue_table(messages, clock_note=note))
+            print(
+                queue_table(
+                    messages,
+                    now=clock.now(),
+                    width=terminal_width(),
+                    clock_note=note,
+                    empty=_nothing_listed(args, where, loaded),
+                )
+            )
         return EXIT_OK
 
     return _run(run())
@@ -427,9 +501,11 @@ def cmd_queue_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     async def run() -> int:
         store = await open_store(loaded)
         message = None
+        clock = Clock()
         if store is not None:
             try:
                 message = await store.get_message(args.id, history=True)
+                clock = await admin.clock_for(store)
             finally:
                 await store.close()
         if message is None:
@@ -442,7 +518,7 @@ def cmd_queue_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         elif args.json:
             _print_json(message_json(message, history=True))
         else:
-            print(message_detail(message))
+            print(message_detail(message, now=clock.now(), width=terminal_width()))
         return EXIT_OK
 
     return _run(run())
@@ -529,14 +605,21 @@ def _with_store(
 
 
 def cmd_queue_digest(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Spool) -> tuple[list[Any], str]:
-        return await store.digest(), admin.clock_note(await admin.clock_for(store))
+    async def work(store: Spool) -> tuple[list[Any], Clock]:
+        return await store.digest(), await admin.clock_for(store)
 
-    rows, note = _with_store(loaded, work, write=False) or ([], "")
+    rows, clock = _with_store(loaded, work, write=False) or ([], Clock())
     if args.json:
         _print_json([admin.digest_json(r) for r in rows])
     else:
-        print(digest_table([admin.digest_json(r) for r in rows], clock_note=note))
+        table = digest_table(
+            [admin.digest_json(r) for r in rows],
+            now=clock.now(),
+            width=terminal_width(),
+            clock_note=admin.clock_note(clock),
+            empty=f"Nothing pending: read {_read(loaded)}",
+        )
+        print(table)
     return EXIT_OK
 
 
@@ -544,10 +627,22 @@ def cmd_queue_retry(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if args.connector is not None:
         admin.connector_name(loaded, args.connector)
 
-    async def work(store: Spool) -> int:
-        return await admin.retry(store, message=args.id, connector=args.connector)
+    async def work(store: Spool) -> tuple[int, list[Status]]:
+        count = await admin.retry(store, message=args.id, connector=args.connector)
+        if count or args.id is None:
+            return count, []
+        message = await store.get_message(args.id)
+        return count, [r.status for r in message.recipients] if message else []
 
-    count = _with_store(loaded, work) or 0
+    count, left = _with_store(loaded, work) or (0, [])
+    if left:  # one message, and nothing of it could be made due
+        states = ", ".join(sorted({s.value for s in left}))
+        finished = all(s in FINAL for s in left)
+        raise CommandError(
+            f"message {args.id} is finished ({states}): there is nothing to retry"
+            if finished
+            else f"message {args.id}: nothing to retry ({states}; `relay queue release` a held one)"
+        )
     target = (
         f"message {args.id}"
         if args.id is not None
@@ -593,14 +688,14 @@ def _report(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 def cmd_alerts(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    async def work(store: Spool) -> list[Any]:
-        return await admin.current_alerts(store, loaded)
+    async def work(store: Spool) -> tuple[list[Any], Clock]:
+        return await admin.current_alerts(store, loaded), await admin.clock_for(store)
 
-    current = _with_store(loaded, work, write=False) or []
+    current, clock = _with_store(loaded, work, write=False) or ([], Clock())
     if args.json:
         _print_json([a.to_json() for a in current])
     else:
-        print(alerts_table([a.to_json() for a in current]))
+        print(alerts_table([a.to_json() for a in current], now=clock.now(), width=terminal_width()))
     return EXIT_OK
 
 
@@ -632,7 +727,7 @@ def cmd_domain_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if args.json:
         _print_json([v.to_json() for v in views])
     else:
-        print(domains_table([v.to_json() for v in views]))
+        print(domains_table([v.to_json() for v in views], width=terminal_width()))
     return EXIT_OK
 
 
@@ -672,7 +767,7 @@ def cmd_connector_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if args.json:
         _print_json([v.to_json() for v in views])
     else:
-        print(connectors_table([v.to_json() for v in views]))
+        print(connectors_table([v.to_json() for v in views], width=terminal_width()))
     return EXIT_OK
 
 
