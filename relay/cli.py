@@ -694,6 +694,11 @@ def cmd_alerts(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     current, clock = _with_store(loaded, work, write=False) or ([], Clock())
     if args.json:
         _print_json([a.to_json() for a in current])
+    elif not current:
+        print(
+            "No mail flow alerts: no connector has mail deferred with a mail flow code "
+            f"(read {_read(loaded)})"
+        )
     else:
         print(alerts_table([a.to_json() for a in current], now=clock.now(), width=terminal_width()))
     return EXIT_OK

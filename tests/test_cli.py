@@ -245,6 +245,8 @@ async def test_queue_list_says_when_nothing_is_listed_and_what_it_read(
     assert out.startswith("No messages match --to x@contoso.test: read ")
     code, out, _ = await main("queue", "digest", relay=relay_server)
     assert f"Nothing pending: read {database} (config: {config})" in out
+    code, out, _ = await main("alerts", relay=relay_server)
+    assert out.startswith("No mail flow alerts") and f"(read {database} (config: {config}))" in out
 
 
 async def test_queue_retry_of_a_finished_message_says_so_and_exits_1(relay_server: Relay) -> None:
