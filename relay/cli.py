@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
             "embedded default (config.example.toml)."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"mailflow-relay {__version__}")
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"mailflow-relay {__version__}"
+    )
     config_help = "the TOML config file (default: $RELAY_CONFIG, ./config.toml, or built in)"
     parser.add_argument("--config", metavar="PATH", help=config_help)
     common = argparse.ArgumentParser(add_help=False)
@@ -73,7 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     health = commands.add_parser(
         "health", parents=[common], help="exit 0 if the SMTP port answers 220 and the queue opens"
     )
-    health.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    health.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for the greeting (default: 5)",
+    )
     health.set_defaults(run=cmd_health)
 
     config = commands.add_parser("config", help="configuration")
@@ -151,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         ("delete", "remove a message without an NDR (postsuper -d)"),
     ):
         action = queue_commands.add_parser(name, parents=[common], help=text)
-        action.add_argument("id", type=int, metavar="ID")
+        action.add_argument("id", type=int, metavar="ID", help="the queue id (swaks' InternalId=N)")
         _json_option(action)
         action.set_defaults(run=cmd_queue_action, action=name)
 
@@ -166,7 +174,9 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="make the internal relay domains behind a connector authoritative (the seed's Fix now)",
     )
-    fix.add_argument("connector", metavar="CONNECTOR")
+    fix.add_argument(
+        "connector", metavar="CONNECTOR", help="the on-premises connector the alert names"
+    )
     _json_option(fix)
     fix.set_defaults(run=cmd_fix_now)
 
@@ -204,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     dset = domain_commands.add_parser(
         "set-type", parents=[common], help="make a domain authoritative or internal_relay"
     )
-    dset.add_argument("domain", metavar="DOMAIN")
+    dset.add_argument("domain", metavar="DOMAIN", help="an accepted domain")
     dset.add_argument(
         "type",
         choices=[t.value for t in DomainType],
@@ -225,11 +235,12 @@ def _parser() -> argparse.ArgumentParser:
     clist = connector_commands.add_parser("list", parents=[common], help="outbound connectors")
     _json_option(clist)
     clist.set_defaults(run=cmd_connector_list)
-    for name, enabled in (("enable", True), ("disable", False)):
-        toggle = connector_commands.add_parser(
-            name, parents=[common], help=f"{name} a connector (its mail then routes elsewhere)"
-        )
-        toggle.add_argument("name", metavar="NAME")
+    for name, enabled, text in (
+        ("enable", True, "enable a connector: mail for its domains goes through it again"),
+        ("disable", False, "disable a connector: its mail then routes by MX (or another)"),
+    ):
+        toggle = connector_commands.add_parser(name, parents=[common], help=text)
+        toggle.add_argument("name", metavar="NAME", help="the connector's name, as in the config")
         toggle.set_defaults(run=cmd_connector_toggle, enabled=enabled)
     creset = connector_commands.add_parser(
         "reset", parents=[common], help="back to the config file's enabled flags"
@@ -279,7 +290,57 @@ def _parser() -> argparse.ArgumentParser:
         help="also write a complete relay config that uses these targets (see README)",
     )
     faults.set_defaults(run=cmd_lab_faults)
+    _add_examples(parser, ("relay",))
     return parser
+
+
+# One example per command, shown at the end of its --help (argparse's epilog).
+EXAMPLES = {
+    "relay serve": "relay --config lab.toml serve -v",
+    "relay health": "relay health --timeout 2 && echo up",
+    "relay config": "relay config check",
+    "relay config check": "relay --config lab.toml config check",
+    "relay queue": "relay queue list",
+    "relay queue list": "relay queue list --status deferred --connector 'To on-premises'",
+    "relay queue show": "relay queue show 1 --headers",
+    "relay queue digest": "relay queue digest --json",
+    "relay queue retry": "relay queue retry --connector 'To on-premises'",
+    "relay queue expire": "relay queue expire 1",
+    "relay queue hold": "relay queue hold 1",
+    "relay queue release": "relay queue release 1",
+    "relay queue delete": "relay queue delete 1",
+    "relay alerts": "relay alerts --json",
+    "relay alerts fix-now": "relay alerts fix-now 'To on-premises'",
+    "relay mailbox": "relay mailbox list alice@contoso.test",
+    "relay mailbox list": "relay mailbox list alice@contoso.test",
+    "relay mailbox show": "relay mailbox show alice@contoso.test 1",
+    "relay domain": "relay domain list",
+    "relay domain list": "relay domain list --json",
+    "relay domain set-type": "relay domain set-type onprem.contoso.test authoritative",
+    "relay domain reset": "relay domain reset onprem.contoso.test",
+    "relay connector": "relay connector list",
+    "relay connector list": "relay connector list --json",
+    "relay connector enable": "relay connector enable 'To on-premises'",
+    "relay connector disable": "relay connector disable 'To on-premises'",
+    "relay connector reset": "relay connector reset",
+    "relay clock": "relay clock advance 48h",
+    "relay clock show": "relay clock show",
+    "relay clock advance": "relay clock advance 48h",
+    "relay clock reset": "relay clock reset",
+    "relay lab": "relay lab faults --base-port 2700 --write-config lab.toml",
+    "relay lab faults": "relay lab faults --base-port 2700 --write-config lab.toml",
+}
+
+
+def _add_examples(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
+    """Every command's --help ends with its example (the top level keeps its own epilog)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                command = (*path, name)
+                child.epilog = f"example:\n  {EXAMPLES[' '.join(command)]}"
+                child.formatter_class = argparse.RawDescriptionHelpFormatter
+                _add_examples(child, command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,9 +3,11 @@ swaks end to end against a running relay."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
+from collections.abc import Iterator
 from email.header import Header
 from pathlib import Path
 from typing import Any
@@ -409,3 +411,42 @@ async def test_swaks_starttls(start_relay: StartRelay, tls_files: TlsFiles) -> N
     assert "STARTTLS" in out
     assert "TLS started" in out
     assert "250 2.6.0 <" in out
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ("relay",)
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield (*path, name), child
+                yield from _commands(child, (*path, name))
+
+
+def test_every_argument_has_help_and_every_command_an_example() -> None:
+    """Issue 12, section 6: no option or positional without help text; each command's
+    --help ends with an example that runs the command it documents."""
+    from relay.cli import _parser
+
+    commands = list(_commands(_parser()))
+    assert len(commands) > 30
+    for path, parser in commands:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            assert action.help, (path, action.dest)
+        assert parser.epilog and parser.epilog.startswith("example:\n  "), path
+        example = parser.epilog.split("\n  ", 1)[1].replace("--config lab.toml ", "")
+        assert example.startswith(" ".join(path)), (path, example)
+    for path in (("connector", "enable"), ("queue", "show"), ("mailbox", "show")):
+        code, out, _ = run_main(*path, "--help")
+        assert code == 0
+        assert out.rstrip().splitlines()[-2:][0] == "example:", out
+    top = run_main("connector", "--help").stdout
+    assert "enable a connector: mail for its domains goes through it again" in top
+    assert "disable a connector: its mail then routes by MX" in top
+
+
+def test_dash_capital_v_is_version() -> None:
+    (short,) = run_cli_many(("-V",))
+    assert (short.code, short.stdout.strip()) == (0, f"mailflow-relay {__version__}")
