@@ -898,20 +898,30 @@ def cmd_clock_reset(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_lab_faults(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from relay.lab.config import lab_config
+    from relay.lab.config import lab_config, spool_dir
     from relay.lab.faults import FaultLab, run_lab_forever
 
-    workdir = (
-        Path(args.workdir) if args.workdir else loaded.path(loaded.config.queue.path).parent / "lab"
-    )
+    # The lab CA file goes to the spool of the config that will trust it: the written
+    # config's own (lab-queue/lab), else the current config's.
+    if args.workdir:
+        workdir = Path(args.workdir)
+    elif args.write_config:
+        config_path = Path(args.write_config)
+        workdir = config_path.parent / spool_dir(config_path) / "lab"
+    else:
+        workdir = loaded.path(loaded.config.queue.path).parent / "lab"
     workdir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def write_config(lab: FaultLab) -> None:
         if args.write_config:
-            Path(args.write_config).write_text(lab_config(loaded.config, lab), encoding="utf-8")
+            path = Path(args.write_config)
+            spool = spool_dir(path)
+            path.write_text(lab_config(loaded.config, lab, spool=spool), encoding="utf-8")
             print(
-                f"# wrote {args.write_config}: relay --config {args.write_config} serve", flush=True
+                f"# wrote {path}: relay --config {path} serve "
+                f"(its queue and mailboxes: {path.parent / spool}/)",
+                flush=True,
             )
 
     try:
@@ -922,6 +932,7 @@ def cmd_lab_faults(args: argparse.Namespace, loaded: LoadedConfig) -> int:
                 workdir=workdir,
                 out=sys.stdout,
                 on_ready=write_config,
+                print_config=not args.write_config,
             )
         )
     except OSError as exc:
