@@ -616,8 +616,8 @@ def cmd_mailbox_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if args.json:
         _print_json([e.to_json() for e in entries])
     elif not entries:
-        which = f"the mailbox {args.address}" if args.address else "no mailbox"
-        print(f"No mail: {which} under {root} holds any (config: {loaded.source})")
+        which = f"the mailbox {args.address}" if args.address else "any mailbox"
+        print(f"No mail in {which} under {root} (config: {loaded.source})")
     else:
         print(mailbox_table(entries))
     return EXIT_OK
@@ -709,9 +709,10 @@ def cmd_queue_retry(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         if args.id is not None
         else (f"connector {args.connector!r}" if args.connector else "the whole queue")
     )
-    _report(
-        args, {"action": "retry", "recipients": count}, f"{count} recipient(s) of {target} due now"
-    )
+    text = f"{count} recipient(s) of {target} due now"
+    if not count:
+        text += f" (nothing is waiting in {_read(loaded)})"
+    _report(args, {"action": "retry", "recipients": count}, text)
     return EXIT_OK
 
 
@@ -736,7 +737,8 @@ def cmd_queue_action(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         {"action": args.action, "id": args.id, "changed": count},
         f"message {args.id}: {count} {what} {done}"
         if count
-        else f"message {args.id}: nothing to {args.action} (no recipient in a state that allows it)",
+        else f"message {args.id}: nothing to {args.action} (no recipient in a state that allows "
+        f"it; read {_read(loaded)})",
     )
     return EXIT_OK
 

@@ -258,6 +258,9 @@ async def test_queue_retry_of_a_finished_message_says_so_and_exits_1(relay_serve
     assert err.strip() == (
         f"relay: message {ids['delivered']} is finished (delivered): there is nothing to retry"
     )
+    database = relay_server.loaded.path(relay_server.config.queue.path)
+    code, out, err = await main("queue", "hold", str(ids["delivered"]), relay=relay_server)
+    assert code == 0 and "nothing to hold" in out and str(database) in out
     code, out, err = await main("queue", "retry", str(ids["deferred"]), relay=relay_server)
     assert (code, err) == (0, "")
     assert out.strip() == f"1 recipient(s) of message {ids['deferred']} due now"

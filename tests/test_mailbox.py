@@ -95,7 +95,8 @@ async def test_mailbox_show_raw_is_the_file_and_a_missing_number_exits_1(relay: 
 async def test_an_empty_mailbox_list_says_where_it_looked(relay: Relay) -> None:
     code, out, err = await _main("mailbox", "list", "nobody@contoso.test", config=_config(relay))
     assert code == 0, err
-    assert out.startswith("No mail:") and str(_config(relay)) in out
+    assert out.startswith("No mail in the mailbox nobody@contoso.test under ")
+    assert str(_config(relay)) in out
     root = relay.loaded.path(relay.config.mailboxes.path)
     assert str(root) in out
 
