@@ -55,9 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="relay",
         description="mailflow-relay: a simulated Exchange Online cloud relay for mail test labs.",
         epilog=(
-            f"The config is --config PATH, else ${ENV_VAR}, else ./config.toml, else the "
-            "embedded default (config.example.toml)."
+            f"The config is --config PATH, else ${ENV_VAR}, else ./config.toml, else the\n"
+            "embedded default (config.example.toml).\n\n"
+            "example:\n  relay --config lab.toml queue list"
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "-V", "--version", action="version", version=f"mailflow-relay {__version__}"

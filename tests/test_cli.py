@@ -441,7 +441,7 @@ def test_every_argument_has_help_and_every_command_an_example() -> None:
         assert parser.epilog and parser.epilog.startswith("example:\n  "), path
         example = parser.epilog.split("\n  ", 1)[1].replace("--config lab.toml ", "")
         assert example.startswith(" ".join(path)), (path, example)
-    for path in (("connector", "enable"), ("queue", "show"), ("mailbox", "show")):
+    for path in ((), ("connector", "enable"), ("queue", "show"), ("mailbox", "show")):
         code, out, _ = run_main(*path, "--help")
         assert code == 0
         assert out.rstrip().splitlines()[-2:][0] == "example:", out
