@@ -16,7 +16,7 @@
 #    CA bundle (never in the real Dockerfile).
 # 4. Builds the real Dockerfile with --build-arg BASE_IMAGE=<that base>, then
 #    checks: 220 banner on a published loopback port, swaks gets 250 2.6.0,
-#    `relay queue list --json` in the container shows the message, the health
+#    `relay queue list --all --json` in the container shows the message, the health
 #    status becomes healthy, non-root, `docker stop` takes < 5 s with exit 0,
 #    and a new container on the same volume still lists the message.
 #
@@ -175,7 +175,7 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as s:
 EOF
 }
 
-# Does `relay queue list --json` output (stdin) hold message $1 (or, without an
+# Does `relay queue list --all --json` output (stdin) hold message $1 (or, without an
 # id, any message to alice@contoso.test)? Prints the matching status summary.
 queue_has() {
     python3 -c '
@@ -402,12 +402,12 @@ else
 fi
 QID=$(printf '%s\n' "$line" | sed -n 's/.*\[InternalId=\([^]]*\)\].*/\1/p')
 
-if out=$(timeout 30 docker exec "$C1" relay queue list --json 2>&1) &&
+if out=$(timeout 30 docker exec "$C1" relay queue list --all --json 2>&1) &&
         found=$(printf '%s' "$out" | queue_has "$QID"); then
-    pass "docker exec $C1 relay queue list --json shows the message ($found)"
+    pass "docker exec $C1 relay queue list --all --json shows the message ($found)"
 else
     printf '%s\n' "$out" | head -n 20 | sed 's/^/    /'
-    fail "relay queue list --json in the container does not show message '${QID}'"
+    fail "relay queue list --all --json in the container does not show message '${QID}'"
 fi
 
 status=
@@ -445,7 +445,7 @@ docker_run -d --name "$C2" -v "$VOLUME:/var/spool/relay" "$IMAGE" >/dev/null ||
     die "docker run of the second container failed"
 found=
 for _ in $(seq 1 30); do
-    if out=$(timeout 30 docker exec "$C2" relay queue list --json 2>&1) &&
+    if out=$(timeout 30 docker exec "$C2" relay queue list --all --json 2>&1) &&
             found=$(printf '%s' "$out" | queue_has "$QID"); then
         break
     fi

@@ -29,6 +29,7 @@ from relay.spool.settings import (
 )
 from relay.states import Event
 from relay.units import format_duration
+from relay.views import short_time
 
 
 class AdminError(errors.RelayError):
@@ -45,7 +46,7 @@ def clock_note(clock: Clock) -> str:
     sign = "+" if clock.offset > 0 else "-"
     return (
         f"lab clock is offset by {sign}{format_duration(abs(clock.offset))}: "
-        f"now is {iso(clock.now())} (relay clock reset to undo)"
+        f"now is {short_time(clock.now())} (relay clock reset to undo)"
     )
 
 

@@ -29,7 +29,7 @@ from pydantic import (
     field_validator,
 )
 
-from relay.errors import ConfigError
+from relay.errors import ConfigError, UnitError
 from relay.net import split_host_port
 from relay.units import format_duration, format_size, parse_duration, parse_size
 
@@ -38,11 +38,27 @@ ENV_VAR = "RELAY_CONFIG"
 
 
 def _duration(value: Any) -> Any:
+    """A duration is written with its unit: `message_expiration = 48` could be hours or
+    seconds, so a bare number is refused, naming the units (as `relay clock advance 48`)."""
+    if _bare_number(value):
+        raise UnitError(
+            f"{value!r} is a number without a unit; write it as a string with one of "
+            f'ms, s, m, h, d, like "{value:g}h" or "{value:g}s"'
+        )
     return parse_duration(value) if isinstance(value, str) else value
 
 
 def _size(value: Any) -> Any:
+    if _bare_number(value):
+        raise UnitError(
+            f"{value!r} is a number without a unit; write it as a string with one of "
+            f'B, KB, MB, GB, KiB, MiB, GiB, like "{format_size(int(value))}"'
+        )
     return parse_size(value) if isinstance(value, str) else value
+
+
+def _bare_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 Duration = Annotated[

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import termios
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +25,10 @@ from tests.helpers import (
     HOST,
     CliResult,
     RelayProcess,
+    cli_env,
     example_data,
     free_port,
+    relay_command,
     relay_process,
     run_cli,
     run_main,
@@ -123,6 +131,41 @@ async def cli_json(*args: str, config: Path | str) -> Any:
 def assert_fits(text: str, width: int = WIDTH) -> None:
     wide = [line for line in text.splitlines() if len(line) > width]
     assert not wide, f"lines wider than {width} columns:\n" + "\n".join(wide)
+
+
+def assert_uncut(text: str) -> None:
+    """Nothing in a table was cut short (issue 12: the old tables ended cut fields with …)."""
+    assert "…" not in text, text
+
+
+def run_in_terminal(*args: str, config: Path | str, columns: int, lines: int = 50) -> CliResult:
+    """`python -m relay --config X ARGS` with stdout on a real pseudo-terminal of `columns`
+    columns (its window size set with TIOCSWINSZ, no COLUMNS variable); stderr is a pipe.
+    The terminal's CRLF line ends come back as LF."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+    env = {k: v for k, v in cli_env().items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen(
+        relay_command(*args, config=config),
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    _, err = process.communicate(timeout=30)
+    out = b"".join(chunks).decode().replace("\r\n", "\n")
+    return CliResult(process.returncode, out, err.decode())
 
 
 def show(message_id: int, config: Path | str) -> dict[str, Any]:

@@ -3,9 +3,11 @@ swaks end to end against a running relay."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
+from collections.abc import Iterator
 from email.header import Header
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,7 @@ def assert_message_shape(message: dict[str, Any], *, history: bool = False) -> N
 
 async def test_queue_list_json_shape(relay_server: Relay) -> None:
     ids = await populated(relay_server)
-    code, out, err = await cli("queue", "list", "--json", relay=relay_server)
+    code, out, err = await cli("queue", "list", "--all", "--json", relay=relay_server)
     assert (code, err) == (0, "")
     messages = json.loads(out)
     assert [m["id"] for m in messages] == [ids["queued"], ids["delivered"], ids["deferred"]]
@@ -195,28 +197,79 @@ async def test_queue_list_status_filter_and_limit(relay_server: Relay) -> None:
     ids = await populated(relay_server)
     listed = []
     for args in (
+        (),  # mail not yet finished (issue 12)
+        ("--all",),
         ("--status", "queued"),
         ("--status", "delivered"),
         ("--status", "deferred"),
         ("--status", "failed"),
-        ("--limit", "2"),
+        ("--status", "queued", "--status", "delivered"),
+        ("--all", "--limit", "2"),
+        ("--limit", "1"),
+        ("--connector", "To on-premises"),
+        ("--connector", "mailbox", "--status", "delivered"),
+        ("--to", "ALICE@contoso.test"),
+        ("--from", "sender@fabrikam.test", "--all"),
+        ("--from", "nobody@fabrikam.test", "--all"),
     ):
         code, out, err = await main("queue", "list", *args, "--json", relay=relay_server)
-        assert (code, err) == (0, "")
+        assert (code, err) == (0, ""), args
         listed.append([m["id"] for m in json.loads(out)])
+    queued, delivered, deferred = ids["queued"], ids["delivered"], ids["deferred"]
     assert listed == [
-        [ids["queued"]],
-        [ids["delivered"]],
-        [ids["deferred"]],
+        [queued, deferred],
+        [queued, delivered, deferred],
+        [queued],
+        [delivered],
+        [deferred],
         [],
-        [ids["delivered"], ids["deferred"]],  # the newest two, still newest last
+        [queued, delivered],
+        [delivered, deferred],  # the newest two, still newest last
+        [deferred],
+        [queued, deferred],  # the first has a recipient for on-premises too
+        [delivered],
+        [queued],
+        [queued, delivered],  # the default sender of tests.helpers.send_mail
+        [],
     ]
+
+
+async def test_queue_list_says_when_nothing_is_listed_and_what_it_read(
+    relay_server: Relay,
+) -> None:
+    config = relay_server.loaded.source
+    database = relay_server.loaded.path(relay_server.config.queue.path)
+    code, out, err = await main("queue", "list", relay=relay_server)
+    assert (code, err) == (0, "")
+    assert out.startswith("Mail queue is empty: read ") and str(database) in out and config in out
+    assert "--all" in out
+    code, out, _ = await main("queue", "list", "--to", "x@contoso.test", relay=relay_server)
+    assert out.startswith("No messages match --to x@contoso.test: read ")
+    code, out, _ = await main("queue", "digest", relay=relay_server)
+    assert f"Nothing pending: read {database} (config: {config})" in out
+    code, out, _ = await main("alerts", relay=relay_server)
+    assert out.startswith("No mail flow alerts") and f"(read {database} (config: {config}))" in out
+
+
+async def test_queue_retry_of_a_finished_message_says_so_and_exits_1(relay_server: Relay) -> None:
+    ids = await populated(relay_server)
+    code, out, err = await main("queue", "retry", str(ids["delivered"]), relay=relay_server)
+    assert (code, out) == (1, "")
+    assert err.strip() == (
+        f"relay: message {ids['delivered']} is finished (delivered): there is nothing to retry"
+    )
+    database = relay_server.loaded.path(relay_server.config.queue.path)
+    code, out, err = await main("queue", "hold", str(ids["delivered"]), relay=relay_server)
+    assert code == 0 and "nothing to hold" in out and str(database) in out
+    code, out, err = await main("queue", "retry", str(ids["deferred"]), relay=relay_server)
+    assert (code, err) == (0, "")
+    assert out.strip() == f"1 recipient(s) of message {ids['deferred']} due now"
 
 
 async def test_queue_show_json(relay_server: Relay) -> None:
     ids = await populated(relay_server)
     code, out, err = await cli("queue", "show", str(ids["deferred"]), "--json", relay=relay_server)
-    _, listed, _ = await main("queue", "list", "--json", relay=relay_server)
+    _, listed, _ = await main("queue", "list", "--all", "--json", relay=relay_server)
     assert (code, err) == (0, "")
     shown = json.loads(out)
     assert_message_shape(shown, history=True)
@@ -240,21 +293,28 @@ async def test_queue_show_unknown_id(relay_server: Relay) -> None:
     code, out, err = await main("queue", "show", "999", relay=relay_server)
     assert code == 1
     assert out == ""
-    assert err.strip() == "relay: no message with ID 999 in the queue (see `relay queue list`)"
+    database = relay_server.loaded.path(relay_server.config.queue.path)
+    assert err.strip() == (
+        f"relay: no message with ID 999 in the queue {database} "
+        f"(config: {relay_server.loaded.source}) (see `relay queue list --all`)"
+    )
 
 
-async def test_queue_table_fits_in_100_columns(relay_server: Relay) -> None:
+async def test_queue_table_piped_is_whole(relay_server: Relay) -> None:
+    """Piped, nothing is cut or wrapped (issue 12): the long sender and the last error with
+    its LastAttemptedServerName come whole, each on its line."""
     ids = await populated(relay_server)
     code, out, err = await main("queue", "list", relay=relay_server)
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    too_long = [line for line in lines if len(line) > 100]
-    assert not too_long, too_long
+    assert f"({REFUSED})" in [line.strip() for line in lines]
+    assert any(f"  {LONG_LOCAL}@fabrikam.test  (queued " in line for line in lines), out
+    assert "…" not in out
     assert lines[0].startswith("ID")
     assert any(line.startswith(str(ids["queued"])) for line in lines)
     assert any("alice@contoso.test" in line for line in lines)
     assert any("4.4.316" in line for line in lines)
-    assert lines[-1].startswith("-- 3 messages, 4 recipients")
+    assert lines[-1].startswith("-- 2 messages, 3 recipients (1 deferred, 2 queued)")
     # The human detail view as well.
     code, out, _ = await main("queue", "show", str(ids["deferred"]), relay=relay_server)
     assert code == 0
@@ -270,7 +330,8 @@ def test_queue_list_before_the_database_exists(tmp_path: Path, make_config: Make
     show = run_main("queue", "show", "1", config=config)
     assert as_json == (0, "[]\n", "")
     assert (table.code, table.stderr) == (0, "")
-    assert "-- 0 messages" in table.stdout
+    assert table.stdout.startswith("Mail queue is empty: read ")
+    assert f"{database} (config: {config})" in table.stdout
     assert show.code == 1
     assert "no message with ID 1" in show.stderr
     assert not database.exists(), "reading the queue must not create it"
@@ -353,3 +414,42 @@ async def test_swaks_starttls(start_relay: StartRelay, tls_files: TlsFiles) -> N
     assert "STARTTLS" in out
     assert "TLS started" in out
     assert "250 2.6.0 <" in out
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ("relay",)
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield (*path, name), child
+                yield from _commands(child, (*path, name))
+
+
+def test_every_argument_has_help_and_every_command_an_example() -> None:
+    """Issue 12, section 6: no option or positional without help text; each command's
+    --help ends with an example that runs the command it documents."""
+    from relay.cli import _parser
+
+    commands = list(_commands(_parser()))
+    assert len(commands) > 30
+    for path, parser in commands:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            assert action.help, (path, action.dest)
+        assert parser.epilog and parser.epilog.startswith("example:\n  "), path
+        example = parser.epilog.split("\n  ", 1)[1].replace("--config lab.toml ", "")
+        assert example.startswith(" ".join(path)), (path, example)
+    for path in ((), ("connector", "enable"), ("queue", "show"), ("mailbox", "show")):
+        code, out, _ = run_main(*path, "--help")
+        assert code == 0
+        assert out.rstrip().splitlines()[-2:][0] == "example:", out
+    top = run_main("connector", "--help").stdout
+    assert "enable a connector: mail for its domains goes through it again" in top
+    assert "disable a connector: its mail then routes by MX" in top
+
+
+def test_dash_capital_v_is_version() -> None:
+    (short,) = run_cli_many(("-V",))
+    assert (short.code, short.stdout.strip()) == (0, f"mailflow-relay {__version__}")

@@ -199,6 +199,21 @@ ERROR_CASES: list[tuple[str, dict[str, Any], list[list[str]]]] = [
         [["queue.retry_schedule[1]", "soon"]],
     ),
     (
+        "bare number as a duration",
+        {"queue": {"message_expiration": 48}},
+        [["queue.message_expiration = 48", "without a unit", "ms, s, m, h, d", '"48h"']],
+    ),
+    (
+        "bare number in a duration list",
+        {"queue": {"retry_schedule": ["1m", 300]}},
+        [["queue.retry_schedule[1] = 300", "without a unit"]],
+    ),
+    (
+        "bare number as a size",
+        {"smtp": {"max_message_size": 35000000}},
+        [["smtp.max_message_size = 35000000", "without a unit", "MB", '"35MB"']],
+    ),
+    (
         "bad size",
         {"smtp": {"max_message_size": "35 megs"}},
         [["smtp.max_message_size", '"35 megs"', "35MB"]],

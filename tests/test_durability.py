@@ -40,7 +40,7 @@ def serve_config(directory: Path) -> Path:
 
 
 def queue_json(config: Path) -> list[dict[str, Any]]:
-    code, out, err = run_cli("queue", "list", "--json", config=config)
+    code, out, err = run_cli("queue", "list", "--all", "--json", config=config)
     assert code == 0, err
     data: list[dict[str, Any]] = json.loads(out)
     return data

@@ -87,7 +87,9 @@ async def show(relay: RelayProcess, queue_id: int) -> dict[str, Any]:
 
 async def queue_list(relay: RelayProcess) -> dict[int, dict[str, Any]]:
     """`relay queue list --json`, by queue id."""
-    result = await asyncio.to_thread(run_cli, "queue", "list", "--json", config=relay.config)
+    result = await asyncio.to_thread(
+        run_cli, "queue", "list", "--all", "--json", config=relay.config
+    )
     assert result.code == 0, result.stderr
     return {int(m["id"]): m for m in json.loads(result.stdout)}
 

@@ -170,7 +170,7 @@ def serve_config(directory: Path, sink: SlowSink) -> Path:
 
 async def queue_list(config: Path) -> dict[str, str]:
     """Subject → status through `relay queue list --json` (the server may be down)."""
-    result = await asyncio.to_thread(run_cli, "queue", "list", "--json", config=config)
+    result = await asyncio.to_thread(run_cli, "queue", "list", "--all", "--json", config=config)
     assert result.code == 0, result.stderr
     return {m["subject"]: m["recipients"][0]["status"] for m in json.loads(result.stdout)}
 

@@ -163,7 +163,7 @@ class Session:
 
     @property
     def mailboxes(self) -> Path:
-        return self.cwd / "queue" / "mailboxes"
+        return self.cwd / "lab-queue" / "mailboxes"  # lab.toml's own spool (issue 12)
 
     def relay(self, *args: str) -> Any:
         """`relay --config lab.toml ARGS --json`, in this process (for waiting only)."""
@@ -239,6 +239,13 @@ def test_the_readme_walkthrough_works_as_written(session: Session) -> None:
     alerts = json.loads(by_verb["relay --config lab.toml alerts --json"])
     (onprem,) = [a for a in alerts if a["connector"] == "To on-premises"]
     assert (onprem["code"], onprem["fix_now"]) == ("4.4.316", True)
+    lab_log = (session.cwd / "lab.log").read_text()
+    assert "[[connectors]]" not in lab_log and lab_log.count(".lab.test") >= LAB_PORTS, lab_log
+    assert not (session.cwd / "queue").exists(), "the lab uses its own spool (lab-queue/)"
+    listed = by_verb["relay --config lab.toml mailbox list alice@contoso.test"]
+    assert listed.count("Undeliverable: ") == 3, listed
+    shown = by_verb["relay --config lab.toml mailbox show alice@contoso.test 1"]
+    assert "Delivery status:" in shown and "Action:           failed" in shown, shown
     grep = next(out for c, out in outputs.items() if c.startswith("grep "))
     assert sorted(grep.split()) == sorted(
         ["Status:", "5.1.10", "Status:", "5.4.315", "Status:", "5.7.320"]

@@ -571,18 +571,26 @@ async def run_lab_forever(
     workdir: Path,
     out: TextIO,
     on_ready: Callable[[FaultLab], None] | None = None,
+    print_config: bool = True,
 ) -> None:
     """Start the lab, print its config and endpoints, and serve until cancelled (Ctrl-C).
 
-    `on_ready` runs once everything listens (the CLI writes a relay config there)."""
+    `on_ready` runs once everything listens (the CLI writes a relay config there). With
+    `print_config` the output is the [dns] and [[connectors]] blocks to paste, the endpoints
+    as comments; without (the config was written to a file), only the endpoints' table."""
     lab = await start_lab(host=host, base_port=base_port, workdir=workdir)
     try:
         if on_ready is not None:
             on_ready(lab)
-        out.write(lab.connector_blocks())
-        out.write("\n# endpoints\n")
-        for line in lab.summary():
-            out.write(f"# {line}\n")
+        if print_config:
+            out.write(lab.connector_blocks())
+            out.write("\n# endpoints\n")
+            for line in lab.summary():
+                out.write(f"# {line}\n")
+        else:
+            out.write(f"{'MODE':<16} {'NAME':<25} {'ADDRESS':<32} EXPECT\n")
+            for line in lab.summary():
+                out.write(f"{line}\n")
         out.write("# lab running; press Ctrl-C to stop\n")
         out.flush()
         await asyncio.get_running_loop().create_future()  # never resolves: wait for cancel

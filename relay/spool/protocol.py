@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 from relay.spool.rows import (
     Attempt,
     DigestRow,
+    ListFilter,
     MessageRow,
     NewMessage,
     RecipientRow,
@@ -91,8 +92,16 @@ class Spool(Protocol):
     async def message_exists(self, message_id: int) -> bool: ...
 
     async def list_messages(
-        self, *, status: Status | None = None, limit: int | None = None, newest: bool = False
-    ) -> list[MessageRow]: ...
+        self,
+        *,
+        status: Status | None = None,
+        where: ListFilter | None = None,
+        limit: int | None = None,
+        newest: bool = False,
+    ) -> list[MessageRow]:
+        """Messages oldest first, with their recipients: those with a recipient in `status`
+        and selected by `where` (`ListFilter`); `limit` of them, the newest with `newest`."""
+        ...
 
     async def get_message(self, message_id: int, *, history: bool = False) -> MessageRow | None: ...
 

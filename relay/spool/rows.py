@@ -135,3 +135,15 @@ class Result:
     at: float
     connector: str
     error: LastError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """Which messages `list_messages` returns: those with a recipient matching every
+    recipient condition given (a status in `statuses`, `connector`, `recipient`), from
+    `mail_from`. None is "any"; addresses compare without regard to case."""
+
+    statuses: frozenset[Status] | None = None
+    connector: str | None = None
+    mail_from: str | None = None
+    recipient: str | None = None

@@ -19,7 +19,15 @@ import aiosqlite
 
 from relay.spool import reads, schema, views
 from relay.spool.protocol import Spool
-from relay.spool.rows import Attempt, DigestRow, MessageRow, NewMessage, RecipientRow, Result
+from relay.spool.rows import (
+    Attempt,
+    DigestRow,
+    ListFilter,
+    MessageRow,
+    NewMessage,
+    RecipientRow,
+    Result,
+)
 from relay.spool.settings import Family, Key
 from relay.spool.writer import Selection, Writer
 from relay.states import Event, Status
@@ -135,10 +143,17 @@ class SqliteSpool:
             return await views.message_exists(self._conn, message_id)
 
     async def list_messages(
-        self, *, status: Status | None = None, limit: int | None = None, newest: bool = False
+        self,
+        *,
+        status: Status | None = None,
+        where: ListFilter | None = None,
+        limit: int | None = None,
+        newest: bool = False,
     ) -> list[MessageRow]:
         with self._reading():
-            return await views.list_messages(self._conn, status=status, limit=limit, newest=newest)
+            return await views.list_messages(
+                self._conn, status=status, where=where, limit=limit, newest=newest
+            )
 
     async def get_message(self, message_id: int, *, history: bool = False) -> MessageRow | None:
         with self._reading():

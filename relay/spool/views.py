@@ -7,13 +7,14 @@ from `relay.states` (UNFINISHED), never from status literals.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from typing import Any, TypeVar
 
 import aiosqlite
 
 from relay.spool.reads import RECIPIENT_COLUMNS, recipient_row
-from relay.spool.rows import Attempt, DigestRow, LastError, MessageRow
+from relay.spool.rows import Attempt, DigestRow, LastError, ListFilter, MessageRow
 from relay.spool.settings import Key
 from relay.states import UNFINISHED, Status, sql_in
 
@@ -47,21 +48,23 @@ async def list_messages(
     conn: aiosqlite.Connection,
     *,
     status: Status | None = None,
+    where: ListFilter | None = None,
     limit: int | None = None,
     newest: bool = False,
 ) -> list[MessageRow]:
     """Messages oldest first (newest last, as mailq), with their recipients.
 
-    With `status`, only messages that have a recipient in that state. With `limit`, the
-    first `limit` of them (or the last, with newest=True) so a huge queue lists fast.
+    With `status`, only messages that have a recipient in that state; with `where`, only
+    those it selects (`ListFilter`). With `limit`, the first `limit` of them (or the last,
+    with newest=True) so a huge queue lists fast.
     """
-    where = ""
-    params: list[Any] = []
+    where = where or ListFilter()
     if status is not None:
-        where = "WHERE id IN (SELECT message FROM recipients WHERE status = ?)"
-        params.append(status.value)
+        where = dataclasses.replace(where, statuses=frozenset({status}))
+    clauses, params = _filter_sql(where)
     order = "DESC" if newest else "ASC"
-    sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages {where} ORDER BY id {order}"
+    condition = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages {condition} ORDER BY id {order}"
     if limit is not None:
         sql += " LIMIT ?"
         params.append(limit)
@@ -71,6 +74,29 @@ async def list_messages(
         messages.reverse()
     await _attach_recipients(conn, messages)
     return messages
+
+
+def _filter_sql(where: ListFilter) -> tuple[list[str], list[Any]]:
+    """The WHERE clauses over `messages` (and their parameters) for a ListFilter."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    per_recipient: list[str] = []
+    if where.statuses is not None:
+        per_recipient.append(f"status IN {sql_in(where.statuses)}" if where.statuses else "0")
+    if where.connector is not None:
+        per_recipient.append("connector = ?")
+        params.append(where.connector)
+    if where.recipient is not None:
+        per_recipient.append("lower(address) = lower(?)")
+        params.append(where.recipient)
+    if per_recipient:
+        clauses.append(
+            f"id IN (SELECT message FROM recipients WHERE {' AND '.join(per_recipient)})"
+        )
+    if where.mail_from is not None:
+        clauses.append("lower(mail_from) = lower(?)")
+        params.append(where.mail_from)
+    return clauses, params
 
 
 async def get_message(
