@@ -19,7 +19,7 @@ import mailbox
 import socket
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,12 +161,16 @@ async def submit(
     return queued_id(reply)
 
 
-async def enqueue(relay: Relay, *, to: str, mail_from: str, subject: str = "test") -> int:
-    """Queue a message straight into the store, as intake would, without SMTP."""
+async def enqueue(
+    relay: Relay, *, to: str | Sequence[str], mail_from: str, subject: str = "test"
+) -> int:
+    """Queue a message straight into the store, as intake would, without SMTP (so also
+    with addresses the intake would refuse)."""
     store = store_of(relay)
     now = relay.clock.now()
     queue_id = store.reserve_id()
-    content = make_message(subject=subject, sender=mail_from or EXTERNAL_SENDER, to=to)
+    rcpts = [to] if isinstance(to, str) else list(to)
+    content = make_message(subject=subject, sender=mail_from or EXTERNAL_SENDER, to=rcpts[0])
     await store.enqueue(
         NewMessage(
             id=queue_id,
@@ -177,7 +181,7 @@ async def enqueue(relay: Relay, *, to: str, mail_from: str, subject: str = "test
             expires_at=now + relay.config.queue.message_expiration,
             client_address=HOST,
             client_helo="test",
-            recipients=[NewRecipient(to, route(to, relay.policy).label)],
+            recipients=[NewRecipient(a, route(a, relay.policy).label) for a in rcpts],
             content=content,
         )
     )

@@ -22,9 +22,8 @@ from relay.classify import Failure, Stage, classify
 from relay.config import Connector
 from relay.lab.faults import FaultLab
 from relay.resolve import Resolver
-from relay.routing import Route, RouteKind, route
+from relay.routing import Route, RouteKind
 from relay.server import Relay
-from relay.spool.rows import NewMessage, NewRecipient
 from relay.states import Status
 from tests.delivery_support import (
     SENDER,
@@ -33,14 +32,13 @@ from tests.delivery_support import (
     advance,
     closed_port,
     connector,
+    enqueue,
     lab_config,
     maildir_messages,
     manual_relay,
     recipient,
     run_once,
-    store_of,
 )
-from tests.helpers import HOST, make_message
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,24 +91,7 @@ async def peer_relay(tmp_path: Path, lab: FaultLab, peer: ScriptedPeer) -> Async
 
 async def queue(relay: Relay, to: list[str], *, subject: str) -> int:
     """Queue one message for `to` straight into the store, bypassing the intake."""
-    store = store_of(relay)
-    now = relay.clock.now()
-    queue_id = store.reserve_id()
-    await store.enqueue(
-        NewMessage(
-            id=queue_id,
-            message_id=f"<{queue_id}@test>",
-            mail_from=SENDER,
-            subject=subject,
-            received_at=now,
-            expires_at=now + relay.config.queue.message_expiration,
-            client_address=HOST,
-            client_helo="test",
-            recipients=[NewRecipient(a, route(a, relay.policy).label) for a in to],
-            content=make_message(subject=subject, sender=SENDER, to="x@partner.test"),
-        )
-    )
-    return queue_id
+    return await enqueue(relay, to=to, mail_from=SENDER, subject=subject)
 
 
 async def run_until_idle(relay: Relay) -> None:
