@@ -14,7 +14,9 @@ from tests.helpers import REPO, require_program
 
 def _planned(venv: Path, target: str) -> str:
     done = subprocess.run(
-        [require_program("make"), "-n", f"VENV={venv}", target],
+        # --no-print-directory: under `make test` this make is a sub-make, which would
+        # otherwise print "Entering directory" lines around the plan.
+        [require_program("make"), "-n", "--no-print-directory", f"VENV={venv}", target],
         cwd=REPO,
         capture_output=True,
         text=True,
